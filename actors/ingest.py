@@ -1,0 +1,204 @@
+"""Queue `ingest`: apply a micro-batch of validated MQTT events in one transaction.
+
+Commit point: the single transaction in `ingest_batch`. Before it commits,
+nothing of the batch is visible (a crash rolls everything back and the queue
+message is redelivered); after it, the dedupe rows make a redelivery a no-op.
+"""
+
+from actors.broker import broker  # noqa: I001 - the broker is set before any actor
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+from dramatiq.message import Message
+from pydantic import ValidationError
+from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from actors.dead_letters import PermanentError
+from actors.metrics import INGRESS_ACCEPTED, INGRESS_DUPLICATES, INGRESS_REJECTED
+from models.dead_letters import dead_letter_row
+from models.messages import INGRESS_EVENTS, MediaEvent, SessionEvent, TelemetryEvent
+from models.outbox_events import outbox_row
+from models.ids import new_id
+from models.session_rules import SessionState, apply_session_event, session_event_type
+from models.settings import get_settings
+from models.tables import (ingress_dead_letters, ingress_dedupe, sync_outbox, telemetry_agg_pending,
+                           telemetry_raw, weight_sessions)
+from schema.db import raw_cursor, transaction
+
+MEDIA_QUEUE, MEDIA_ACTOR = "media", "store_media"
+
+
+@dataclass
+class IngestResult:
+    accepted: dict[str, int]
+    duplicates: dict[str, int]
+    rejected: dict[str, int]
+
+
+@dramatiq.actor(queue_name="ingest", max_retries=10)
+def ingest_batch(events: list[dict[str, Any]]) -> None:
+    try:
+        parsed = INGRESS_EVENTS.validate_python(events)
+    except ValidationError as exc:
+        raise PermanentError(f"batch fails validation ({exc.error_count()} errors)") from None
+    settings = get_settings()
+    with transaction(settings.database_url) as conn:
+        result = ingest_events(conn, parsed, sync_telemetry=settings.sync_telemetry)
+    for kind, n in result.accepted.items():
+        INGRESS_ACCEPTED.labels(kind).inc(n)
+    for kind, n in result.duplicates.items():
+        INGRESS_DUPLICATES.labels(kind).inc(n)
+    for reason, n in result.rejected.items():
+        INGRESS_REJECTED.labels(reason).inc(n)
+
+
+def ingest_events(conn: Connection, events: list, *, sync_telemetry: str) -> IngestResult:
+    """Dedupe `events` and apply the new ones; the caller owns the transaction."""
+    first = {}
+    for event in events:
+        first.setdefault((event.tenant_id, event.event_id), event)
+    # Sorted keys: concurrent batches sharing redeliveries lock them in one order.
+    keys = sorted(first, key=lambda k: (k[0], str(k[1])))
+    new_keys = set(conn.execute(
+        pg_insert(ingress_dedupe)
+        .values([{"tenant_id": t, "event_id": e} for t, e in keys])
+        .on_conflict_do_nothing()
+        .returning(ingress_dedupe.c.tenant_id, ingress_dedupe.c.event_id)).all()) if keys else set()
+    fresh = [first[k] for k in keys if k in new_keys]
+
+    result = IngestResult(defaultdict(int), defaultdict(int), defaultdict(int))
+    for event in events:
+        result.duplicates[event.kind] += 1
+    for event in fresh:
+        result.accepted[event.kind] += 1
+        result.duplicates[event.kind] -= 1
+
+    _apply_telemetry(conn, [e for e in fresh if isinstance(e, TelemetryEvent)], sync_telemetry)
+    for reason in _apply_sessions(conn, [e for e in fresh if isinstance(e, SessionEvent)]):
+        result.rejected[reason] += 1
+    _hand_off_media(conn, [e for e in fresh if isinstance(e, MediaEvent)])
+    return result
+
+
+def _apply_telemetry(conn: Connection, events: list[TelemetryEvent], sync_telemetry: str) -> None:
+    raw_rows, outbox_rows = [], []
+    # Partial aggregates per 1-minute bucket: the aggregate actor's work list.
+    partials: dict[tuple, list] = {}
+    for e in events:
+        minute = e.occurred_at.replace(second=0, microsecond=0)
+        for r in e.readings:
+            raw_rows.append({"id": new_id(), "tenant_id": e.tenant_id, "farm_id": e.farm_id,
+                             "barn_id": e.barn_id, "device_id": e.device_id,
+                             "occurred_at": e.occurred_at, "metric_type": r.metric_type,
+                             "metric_value": r.metric_value, "unit": r.unit})
+            p = partials.get(key := (e.tenant_id, e.farm_id, e.barn_id, e.device_id, r.metric_type, minute))
+            if p is None:
+                partials[key] = [1, r.metric_value, r.metric_value, r.metric_value]
+            else:
+                p[0] += 1
+                p[1] += r.metric_value
+                p[2] = min(p[2], r.metric_value)
+                p[3] = max(p[3], r.metric_value)
+        if sync_telemetry in ("raw", "both"):
+            outbox_rows.append(outbox_row(
+                "telemetry.ingested", tenant_id=e.tenant_id, farm_id=e.farm_id, barn_id=e.barn_id,
+                device_id=e.device_id, occurred_at=e.occurred_at, trace_id=e.trace_id,
+                payload={"source_event_id": str(e.event_id),
+                         "readings": [r.model_dump(mode="json") for r in e.readings]}))
+    if raw_rows:
+        conn.execute(insert(telemetry_raw), raw_rows)
+        conn.execute(insert(telemetry_agg_pending), [
+            {"tenant_id": t, "farm_id": f, "barn_id": b, "device_id": d, "metric_type": m,
+             "bucket_start_at": minute, "count": n, "sum_value": s, "min_value": lo, "max_value": hi}
+            for (t, f, b, d, m, minute), (n, s, lo, hi) in partials.items()])
+    if outbox_rows:
+        conn.execute(insert(sync_outbox), outbox_rows)
+
+
+def _apply_sessions(conn: Connection, events: list[SessionEvent]) -> list[str]:
+    """Apply session events one by one under a row lock; return rejection reasons."""
+    rejected = []
+    for e in sorted(events, key=lambda e: (str(e.session_id), e.occurred_at)):
+        applied = _apply_session_event(conn, e)
+        if applied is None:
+            conn.execute(insert(ingress_dead_letters), dead_letter_row(
+                _topic(e), e.model_dump_json().encode(), "session_conflict",
+                "session_id belongs to another tenant/farm/barn/device"))
+            rejected.append("session_conflict")
+            continue
+        new = applied.state
+        if not applied.changed:
+            continue
+        conn.execute(insert(sync_outbox), outbox_row(
+            session_event_type(e.action), tenant_id=e.tenant_id, farm_id=e.farm_id,
+            barn_id=e.barn_id, device_id=e.device_id, occurred_at=e.occurred_at,
+            session_id=e.session_id, trace_id=e.trace_id,
+            payload={"session_id": str(e.session_id), "source_event_id": str(e.event_id),
+                     "status": new.status, "batch_id": new.batch_id,
+                     "start_at": _iso(new.start_at), "end_at": _iso(new.end_at),
+                     "initial_weight_kg": new.initial_weight_kg,
+                     "final_weight_kg": new.final_weight_kg}))
+    return rejected
+
+
+@dataclass
+class _Applied:
+    state: SessionState
+    changed: bool
+
+
+def _apply_session_event(conn: Connection, e: SessionEvent) -> _Applied | None:
+    """Apply one event under the session's row lock; None if another device owns it."""
+    owner = (e.tenant_id, e.farm_id, e.barn_id, e.device_id)
+    while True:
+        row = conn.execute(select(weight_sessions).where(weight_sessions.c.id == e.session_id)
+                           .with_for_update()).first()
+        if row is not None and (row.tenant_id, row.farm_id, row.barn_id, row.device_id) != owner:
+            return None  # a payload cannot touch another device's session (SPEC §1)
+        state = _state_of(row) if row is not None else None
+        new = apply_session_event(state, e.action, e.occurred_at, e.weight_kg, e.batch_id)
+        if new is None:
+            return _Applied(state, changed=False)
+        values = {"status": new.status, "start_at": new.start_at, "end_at": new.end_at,
+                  "initial_weight_kg": new.initial_weight_kg, "final_weight_kg": new.final_weight_kg,
+                  "batch_id": new.batch_id}
+        if row is not None:
+            conn.execute(update(weight_sessions).where(weight_sessions.c.id == e.session_id)
+                         .values(updated_at=func.now(), **values))
+            return _Applied(new, changed=True)
+        created = conn.execute(pg_insert(weight_sessions).values(
+            id=e.session_id, tenant_id=e.tenant_id, farm_id=e.farm_id, barn_id=e.barn_id,
+            device_id=e.device_id, **values).on_conflict_do_nothing())
+        if created.rowcount == 1:
+            return _Applied(new, changed=True)
+        # A concurrent batch created it first: lock that row and apply again.
+
+
+def _hand_off_media(conn: Connection, events: list[MediaEvent]) -> None:
+    # The media actor (queue `media`) writes the file and its media_objects
+    # row; enqueued in this transaction so a frame is never dropped between.
+    if not events:
+        return
+    with raw_cursor(conn) as cursor:
+        for e in events:
+            broker.enqueue_in(cursor, Message(queue_name=MEDIA_QUEUE, actor_name=MEDIA_ACTOR, args=(),
+                                              kwargs={"event": e.model_dump(mode="json")}, options={}))
+
+
+def _state_of(row: Any) -> SessionState:
+    ended_by = {"finalized": "finalize", "cancelled": "cancel"}.get(row.status)
+    return SessionState(status=row.status, start_at=row.start_at, end_at=row.end_at,
+                        initial_weight_kg=row.initial_weight_kg, final_weight_kg=row.final_weight_kg,
+                        batch_id=row.batch_id, ended_by=ended_by)
+
+
+def _topic(e: Any) -> str:
+    return f"farmiq/v1/{e.tenant_id}/{e.farm_id}/{e.barn_id}/{e.device_id}/{e.kind}"
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None

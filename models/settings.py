@@ -1,0 +1,89 @@
+"""Runtime settings (SPEC §4): environment variables with the `EDGE_` prefix.
+
+Every value has a default that works on one machine. A value outside its range
+raises `SettingsError`, whose message names the variable; the CLI turns it into
+exit code 2 before anything starts.
+"""
+
+from datetime import timedelta
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+LOCAL_MQTT_URL = "mqtt://127.0.0.1:1883"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or out of range; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGE_", extra="ignore", frozen=True)
+
+    # Services. Unset means "local default"; `farmiq-edge up` starts embedded
+    # ones instead (it checks `model_fields_set`).
+    database_url: str = LOCAL_DATABASE_URL
+    mqtt_url: str = LOCAL_MQTT_URL
+    media_root: str = "/data/media"
+    cloud_url: str = "http://127.0.0.1:8080"
+    cloud_token: str = Field(default="", repr=False)
+    edge_id: str = Field(default="edge-01", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+    # Retention windows (edge-persistence.md, "Retention and cleanup jobs").
+    retention_raw_days: int = Field(default=30, ge=30, le=90)
+    retention_agg_days: int = Field(default=365, ge=180, le=365)
+    retention_media_days: int = Field(default=30, ge=30, le=90)
+    retention_outbox_days: int = Field(default=14, ge=7, le=30)
+    dedupe_ttl_hours: int = Field(default=72, ge=24, le=72)
+
+    sync_telemetry: Literal["agg", "raw", "both"] = "agg"
+
+    # Ingress validation (SPEC §1).
+    max_clock_skew_hours: float = Field(default=24, gt=0, le=24 * 7)
+    media_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
+
+    # Bridge: MQTT session and micro-batching.
+    mqtt_client_id: str = Field(default="farmiq-edge-bridge", min_length=1, max_length=64)
+    mqtt_protocol: Literal["5", "3.1.1"] = "5"
+    mqtt_shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    mqtt_session_expiry_seconds: int = Field(default=7 * 24 * 3600, ge=0)
+    mqtt_receive_maximum: int = Field(default=10_000, ge=1, le=65_535)
+    batch_max_messages: int = Field(default=500, ge=1, le=10_000)
+    batch_max_ms: int = Field(default=50, ge=1, le=10_000)
+    batch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    # Touched every second by a live bridge; `farmiq-edge health --heartbeat` reads it.
+    bridge_heartbeat_path: str = "/tmp/farmiq-bridge.heartbeat"
+
+    # Workers.
+    worker_threads: int = Field(default=4, ge=1, le=64)
+    worker_shutdown_seconds: int = Field(default=30, ge=1, le=600)
+    metrics_port: int = Field(default=9191, ge=0, le=65_535)
+
+    @property
+    def max_clock_skew(self) -> timedelta:
+        return timedelta(hours=self.max_clock_skew_hours)
+
+    @property
+    def max_payload_bytes(self) -> int:
+        # base64 inflates by 4/3; leave room for the JSON envelope around it.
+        return self.media_max_bytes * 4 // 3 + 64 * 1024
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; raise SettingsError naming each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            problems.append(f"EDGE_{field.upper()}: {error['msg']} (got {error.get('input')!r})")
+        raise SettingsError("invalid setting: " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

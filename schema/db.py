@@ -1,0 +1,43 @@
+"""Database engine: one SQLAlchemy engine per process, created on first use.
+
+Created lazily because dramatiq imports actor modules before it forks worker
+processes; a connection pool must never cross a fork.
+"""
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import Connection, Engine, create_engine
+
+_engines: dict[tuple[int, str], Engine] = {}
+
+
+def engine_for(url: str, pool_size: int = 5) -> Engine:
+    key = (os.getpid(), url)
+    if key not in _engines:
+        _engines[key] = create_engine(
+            _sqlalchemy_url(url), pool_size=pool_size, max_overflow=2, pool_pre_ping=True,
+            connect_args={"application_name": "farmiq-edge"})
+    return _engines[key]
+
+
+@contextmanager
+def transaction(url: str) -> Iterator[Connection]:
+    """One unit of work: commits on success, rolls back on any exception."""
+    with engine_for(url).begin() as conn:
+        yield conn
+
+
+def raw_cursor(conn: Connection):  # noqa: ANN201 - a psycopg2 cursor
+    """The DBAPI cursor of `conn`, inside the same transaction (for dramatiq-pg)."""
+    return conn.connection.dbapi_connection.cursor()
+
+
+def _sqlalchemy_url(url: str) -> str:
+    # Operators write postgresql://…; pin the driver we ship.
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url

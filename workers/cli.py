@@ -1,0 +1,135 @@
+"""`farmiq-edge`: the one operator command (SPEC §5).
+
+Exit codes: 0 ok, 1 failure, 2 usage error (including a bad setting), 3 cannot
+connect. Subcommands only translate arguments into calls; the work lives in the
+modules they import (imported late, so `--help` and bad settings never need a
+database).
+"""
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+import psycopg2
+
+from models.settings import Settings, SettingsError, load_settings
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANNOT_CONNECT = 0, 1, 2, 3
+QUEUES = ("ingest", "aggregate")
+# Actor modules by queue: `farmiq-edge worker --queues X` imports only these.
+ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate"}
+
+log = logging.getLogger("farmiq_edge")
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from schema.migrate import migrate
+    applied = migrate(settings.database_url)
+    print(f"migrations applied: {len(applied)}" + (f" ({', '.join(applied)})" if applied else ""))
+    return EXIT_OK
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    queues = args.queues or list(QUEUES)
+    unknown = sorted(set(queues) - set(QUEUES))
+    if unknown:
+        print(f"farmiq-edge worker: unknown queue(s): {', '.join(unknown)}", file=sys.stderr)
+        return EXIT_USAGE
+    # dramatiq's Prometheus middleware reads these at import, in every process.
+    os.environ.setdefault("dramatiq_prom_port", str(settings.metrics_port))
+    os.environ.setdefault("dramatiq_prom_db", tempfile.mkdtemp(prefix="farmiq-prom-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["dramatiq_prom_db"]
+    argv = [sys.executable, "-m", "dramatiq", *sorted({ACTOR_MODULES[q] for q in queues}),
+            "--queues", *queues,
+            "--processes", str(args.processes), "--threads", str(settings.worker_threads),
+            "--worker-shutdown-timeout", str(settings.worker_shutdown_seconds * 1000)]
+    os.execv(sys.executable, argv)  # dramatiq owns signals and child processes from here
+
+
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    """Kubernetes exec probe: database reachable and schema current."""
+    import time
+
+    from schema.migrate import pending_migrations
+    if args.heartbeat:
+        try:
+            age = time.time() - os.stat(args.heartbeat).st_mtime
+        except FileNotFoundError:
+            age = float("inf")
+        if age > args.max_age:
+            print(f"unhealthy: heartbeat {args.heartbeat} is {age:.0f}s old", file=sys.stderr)
+            return EXIT_FAILURE
+    pending = pending_migrations(settings.database_url)
+    if pending:
+        print(f"unhealthy: migrations pending: {', '.join(pending)}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("ok")
+    return EXIT_OK
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from workers import operator
+    return operator.dlq(settings, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farmiq-edge", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    command("migrate", cmd_migrate, "apply database migrations (and the dramatiq-pg queue schema)")
+
+    p = command("worker", cmd_worker, "run actors for the given queues (a dramatiq worker)")
+    p.add_argument("--queues", nargs="+", choices=QUEUES, metavar="QUEUE",
+                   help=f"queues to consume (default: all: {' '.join(QUEUES)})")
+    p.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
+
+    p = command("health", cmd_health, "exit 0 when the database answers and the schema is current")
+    p.add_argument("--heartbeat", help="also require this file to be recently touched")
+    p.add_argument("--max-age", type=float, default=30, help="heartbeat age limit in seconds")
+
+    p = command("dlq", cmd_dlq, "inspect, re-drive or purge rejected queue messages")
+    dlq = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("list", "list rejected messages"), ("show", "show one rejected message"),
+                         ("redrive", "put rejected messages back on their queue"),
+                         ("purge", "delete rejected messages")):
+        a = dlq.add_parser(action, help=text, description=text)
+        if action in ("show",):
+            a.add_argument("message_id")
+        if action in ("redrive", "purge"):
+            a.add_argument("message_ids", nargs="*", help="message ids (default: needs --all)")
+            a.add_argument("--all", action="store_true", help="every rejected message")
+        if action in ("list", "redrive", "purge"):
+            a.add_argument("--queue", help="only this queue")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"farmiq-edge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(settings, args)
+    except psycopg2.OperationalError as exc:
+        print(f"farmiq-edge: cannot connect to the database: {str(exc).strip()}", file=sys.stderr)
+        return EXIT_CANNOT_CONNECT
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
