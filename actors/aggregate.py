@@ -38,7 +38,7 @@ CLAIM_PENDING = text("""
      RETURNING tenant_id, farm_id, barn_id, device_id, metric_type, bucket_start_at,
                count, sum_value, min_value, max_value)
     SELECT tenant_id, farm_id, barn_id, device_id, metric_type, bucket_start_at,
-           sum(count) AS count, sum(sum_value) AS sum_value,
+           sum(count)::bigint AS count, sum(sum_value) AS sum_value,
            min(min_value) AS min_value, max(max_value) AS max_value
       FROM claimed
      GROUP BY tenant_id, farm_id, barn_id, device_id, metric_type, bucket_start_at

@@ -70,6 +70,28 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bridge(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.bridge import run_bridge
+    return run_bridge(settings)
+
+
+def cmd_scheduler(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.scheduler import run_scheduler
+    return run_scheduler(settings)
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.simulate import run_simulator
+    return run_simulator(settings, devices=args.devices, interval=args.interval)
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from workers.up import run_up
+    return run_up(settings, state_dir=Path(args.state_dir), simulate=not args.no_simulate)
+
+
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     from workers import operator
     return operator.dlq(settings, args)
@@ -91,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", nargs="+", choices=QUEUES, metavar="QUEUE",
                    help=f"queues to consume (default: all: {' '.join(QUEUES)})")
     p.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
+
+    command("bridge", cmd_bridge, "MQTT bridge: validate, micro-batch, enqueue, ack after commit")
+    command("scheduler", cmd_scheduler, "send the periodic queue messages (aggregation, maintenance)")
+
+    p = command("simulate", cmd_simulate, "publish demo telemetry and sessions from pretend devices")
+    p.add_argument("--devices", type=int, default=5, help="telemetry devices (default 5)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between rounds (default 2)")
+
+    p = command("up", cmd_up, "run everything on this machine (embedded PostgreSQL and MQTT "
+                              "when EDGE_DATABASE_URL / EDGE_MQTT_URL are unset)")
+    p.add_argument("--state-dir", default=".farmiq", help="embedded data and media (default .farmiq)")
+    p.add_argument("--no-simulate", action="store_true", help="do not start the device simulator")
 
     p = command("health", cmd_health, "exit 0 when the database answers and the schema is current")
     p.add_argument("--heartbeat", help="also require this file to be recently touched")

@@ -1,0 +1,70 @@
+"""`farmiq-edge up`: the whole system on one machine.
+
+Runs the Procfile's processes (plus the device simulator) under honcho. With
+no EDGE_DATABASE_URL / EDGE_MQTT_URL configured it first starts an embedded
+PostgreSQL (pgserver) and MQTT broker (amqtt, MQTT 3.1.1 only, so the bridge
+speaks 3.1.1 to it), keeping their data under --state-dir. Ctrl-C or SIGTERM
+stops every child, then the embedded services.
+"""
+
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from honcho.manager import Manager
+
+from models.settings import Settings
+
+log = logging.getLogger("farmiq_edge.up")
+PROCFILE = Path(__file__).resolve().parents[1] / "Procfile"
+FIRST_METRICS_PORT = 9191
+
+
+def procfile_commands(procfile: Path = PROCFILE) -> dict[str, list[str]]:
+    """Procfile lines as argv lists; `farmiq-edge` runs with this interpreter."""
+    commands = {}
+    for line in procfile.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, command = line.split(":", 1)
+            argv = shlex.split(command)
+            if argv[0] == "farmiq-edge":
+                argv = [sys.executable, "-m", "workers.cli", *argv[1:]]
+            commands[name.strip()] = argv
+    return commands
+
+
+def run_up(settings: Settings, *, state_dir: Path, simulate: bool) -> int:
+    from schema.migrate import migrate
+    from workers.embedded import start_mqtt, start_postgres
+
+    env = dict(os.environ)
+    services = []
+    try:
+        if "database_url" not in settings.model_fields_set:
+            pg = start_postgres(state_dir / "pgdata")
+            services.append(pg)
+            env["EDGE_DATABASE_URL"] = pg.url
+            log.info("event=embedded_postgres url=%s", pg.url)
+        if "mqtt_url" not in settings.model_fields_set:
+            mqtt = start_mqtt()
+            services.append(mqtt)
+            env["EDGE_MQTT_URL"] = mqtt.url
+            env["EDGE_MQTT_PROTOCOL"] = "3.1.1"
+            log.info("event=embedded_mqtt url=%s", mqtt.url)
+        if "media_root" not in settings.model_fields_set:
+            env["EDGE_MEDIA_ROOT"] = str((state_dir / "media").resolve())
+        migrate(env.get("EDGE_DATABASE_URL", settings.database_url))
+
+        manager = Manager()
+        commands = procfile_commands()
+        if simulate:
+            commands["simulate"] = [sys.executable, "-m", "workers.cli", "simulate"]
+        for port, (name, argv) in enumerate(commands.items(), start=FIRST_METRICS_PORT):
+            manager.add_process(name, shlex.join(argv), env={**env, "EDGE_METRICS_PORT": str(port)})
+        manager.loop()  # returns when any child exits or on Ctrl-C/SIGTERM; stops the rest
+        return manager.returncode or 0
+    finally:
+        for service in reversed(services):
+            service.stop()
