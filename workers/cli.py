@@ -97,6 +97,16 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     return operator.dlq(settings, args)
 
 
+def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
+    from workers import operator
+    return operator.outbox(settings, args)
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.bench import run_bench
+    return run_bench(settings, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farmiq-edge", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -143,6 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--all", action="store_true", help="every rejected message")
         if action in ("list", "redrive", "purge"):
             a.add_argument("--queue", help="only this queue")
+
+    p = command("outbox", cmd_outbox, "cloud sync outbox: status, re-drive failed events")
+    outbox = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    outbox.add_parser("status", help="counts by status, oldest pending, sync state per tenant",
+                      description="counts by status, oldest pending, sync state per tenant")
+    a = outbox.add_parser("redrive", help="set failed events back to pending",
+                          description="set failed events back to pending")
+    a.add_argument("event_ids", nargs="*", help="event ids (default: needs --all)")
+    a.add_argument("--all", action="store_true", help="every failed event")
+
+    p = command("bench", cmd_bench, "benchmarks that print figures (see `farmiq-edge bench ingest --help`)")
+    bench = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    a = bench.add_parser("ingest", help="MQTT → PostgreSQL ingest throughput, latency, memory",
+                         description="MQTT → PostgreSQL ingest throughput, latency, memory; "
+                                     "with the naive pipeline and bare MQTT as references")
+    a.add_argument("--messages", type=int, default=50_000, help="telemetry messages (default 50,000)")
+    a.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
+    a.add_argument("--duplicates", type=float, default=0.05, help="share published twice (default 0.05)")
+    a.add_argument("--rate", type=int, default=0, help="offered msg/s (default 0: as fast as possible)")
+    a.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
+    a.add_argument("--skip-references", action="store_true", help="skip the naive and bare-MQTT runs")
     return parser
 
 
