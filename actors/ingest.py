@@ -18,6 +18,7 @@ from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from actors.dead_letters import PermanentError
+from actors.faults import crash_point
 from actors.metrics import INGRESS_ACCEPTED, INGRESS_DUPLICATES, INGRESS_REJECTED
 from models.dead_letters import dead_letter_row
 from models.messages import INGRESS_EVENTS, MediaEvent, SessionEvent, TelemetryEvent
@@ -48,6 +49,7 @@ def ingest_batch(events: list[dict[str, Any]]) -> None:
     settings = get_settings()
     with transaction(settings.database_url) as conn:
         result = ingest_events(conn, parsed, sync_telemetry=settings.sync_telemetry)
+        crash_point("ingest.before_commit")
     for kind, n in result.accepted.items():
         INGRESS_ACCEPTED.labels(kind).inc(n)
     for kind, n in result.duplicates.items():

@@ -30,6 +30,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from actors.ingest import ingest_batch
 from actors.broker import broker
+from actors.faults import crash_point
 from actors.metrics import BRIDGE_BATCH_SECONDS, BRIDGE_BATCHES, INGRESS_REJECTED
 from models.dead_letters import dead_letter_row
 from models.messages import Rejected, parse_message
@@ -39,7 +40,9 @@ from schema.db import raw_cursor, transaction
 
 log = logging.getLogger("farmiq_edge.bridge")
 
-TOPIC_FILTER = "farmiq/v1/+/+/+/+/+"
+# Everything under our prefix: a device publishing to a malformed topic is
+# dead-lettered (bad_topic), not silently ignored.
+TOPIC_FILTER = "farmiq/#"
 HEARTBEAT_EVERY_SECONDS = 1.0
 MAX_DB_BACKOFF_SECONDS = 30.0
 
@@ -79,6 +82,7 @@ class Bridge:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -92,6 +96,13 @@ class Bridge:
         client.subscribe(topic, qos=1)
         log.info("event=mqtt_connected session_present=%s generation=%d", flags.session_present,
                  self.generation)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("event=mqtt_subscribe_failed reasons=%s", failed)
+        else:
+            log.info("event=mqtt_subscribed topic=%s", TOPIC_FILTER)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         log.warning("event=mqtt_disconnected reason=%s", reason_code)
@@ -194,6 +205,8 @@ class Bridge:
             if events:
                 with raw_cursor(conn) as cursor:
                     broker.enqueue_in(cursor, ingest_batch.message(events))
+            crash_point("bridge.before_commit")
+        crash_point("bridge.after_commit")
         BRIDGE_BATCH_SECONDS.set(time.monotonic() - started)
         BRIDGE_BATCHES.inc()
         for reason in reasons:

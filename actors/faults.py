@@ -1,0 +1,17 @@
+"""Fault injection for crash tests: die at a named commit boundary.
+
+`EDGE_CRASH_AT=<point>` makes the process SIGKILL itself when it reaches that
+point, the way a power cut or an OOM kill would: no cleanup, no flush. Unset in
+production, where `crash_point` costs one dictionary lookup.
+
+Points: bridge.before_commit, bridge.after_commit (before the PUBACKs),
+ingest.before_commit.
+"""
+
+import os
+import signal
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get("EDGE_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

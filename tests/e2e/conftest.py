@@ -1,0 +1,58 @@
+"""End-to-end fixtures: a private Mosquitto (project config) and farmiq-edge processes."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import EdgeProcess, edge_env, wait_until
+from tests.support.services import burst_mqtt
+
+
+@pytest.fixture
+def mqtt_broker() -> Iterator:
+    broker = burst_mqtt()
+    yield broker
+    broker.stop()
+
+
+class Pipeline:
+    """The bridge and an ingest worker, started and crashed as an operator would see them."""
+
+    def __init__(self, db_url: str, mqtt_url: str, tmp: Path, **env: str) -> None:
+        self.env = edge_env(db_url, mqtt_url, tmp, **env)
+        self.tmp = tmp
+        self.processes: list[EdgeProcess] = []
+
+    def start(self, name: str, args: list[str], **extra_env: str) -> EdgeProcess:
+        proc = EdgeProcess(args, {**self.env, **extra_env}, self.tmp / f"{name}.log").start()
+        self.processes.append(proc)
+        return proc
+
+    def bridge(self, **extra_env: str) -> EdgeProcess:
+        heartbeat = Path(self.env["EDGE_BRIDGE_HEARTBEAT_PATH"])
+        heartbeat.unlink(missing_ok=True)
+        proc = self.start("bridge", ["bridge"], **extra_env)
+        # Connected and subscribed: the persistent session now queues for us.
+        wait_until(lambda: "event=mqtt_subscribed" in proc.log() and heartbeat.exists(), 20,
+                   "the bridge to connect")
+        return proc
+
+    def worker(self, queue: str = "ingest", **extra_env: str) -> EdgeProcess:
+        return self.start(f"worker-{queue}", ["worker", "--queues", queue], **extra_env)
+
+    def stop_all(self) -> None:
+        for proc in self.processes:
+            proc.stop()
+
+
+@pytest.fixture
+def pipeline(db_url, mqtt_broker, tmp_path) -> Iterator:
+    def make(**env: str) -> Pipeline:
+        made = Pipeline(db_url, mqtt_broker.url, tmp_path, **env)
+        pipelines.append(made)
+        return made
+    pipelines: list[Pipeline] = []
+    yield make
+    for p in pipelines:
+        p.stop_all()
