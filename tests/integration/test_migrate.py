@@ -1,0 +1,96 @@
+"""`farmiq-edge migrate`: complete on an empty database, idempotent, safe concurrently."""
+
+import subprocess
+import sys
+
+import psycopg2
+
+from schema.migrate import load_migrations, pending_migrations
+from tests.support.processes import ROOT
+
+EXPECTED_TABLES = {"telemetry_raw", "telemetry_agg", "telemetry_agg_pending", "weight_sessions",
+                   "media_objects", "inference_results", "sync_outbox", "sync_state", "ingress_dedupe",
+                   "ingress_dead_letters", "schema_migrations"}
+EXPECTED_INDEXES = {
+    "telemetry_raw_tenant_device_time_idx", "telemetry_raw_tenant_time_idx",
+    "telemetry_agg_tenant_device_window_idx", "telemetry_agg_bucket_key",
+    "weight_sessions_tenant_device_start_idx", "weight_sessions_tenant_status_start_idx",
+    "media_objects_tenant_session_idx", "media_objects_tenant_device_captured_idx",
+    "inference_results_tenant_session_idx", "inference_results_tenant_device_time_idx",
+    "sync_outbox_status_attempt_idx", "sync_outbox_tenant_time_idx", "sync_outbox_tenant_id_key",
+    "ingress_dedupe_tenant_event_key", "ingress_dedupe_first_seen_idx", "queue_unfinished_idx",
+}
+
+
+def farmiq_edge(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def snapshot(url: str) -> dict:
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT table_schema, table_name FROM information_schema.tables "
+                    "WHERE table_schema IN ('public', 'dramatiq') ORDER BY 1, 2")
+        tables = cur.fetchall()
+        cur.execute("SELECT schemaname, indexname, indexdef FROM pg_indexes "
+                    "WHERE schemaname IN ('public', 'dramatiq') ORDER BY 1, 2")
+        indexes = cur.fetchall()
+        cur.execute("SELECT version, checksum FROM schema_migrations ORDER BY 1")
+        migrations = cur.fetchall()
+    conn.close()
+    return {"tables": tables, "indexes": indexes, "migrations": migrations}
+
+
+def test_migrate_creates_everything_then_changes_nothing(empty_db_url, monkeypatch):
+    env = {"PATH": "/usr/bin:/bin", "EDGE_DATABASE_URL": empty_db_url}
+    first = farmiq_edge("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    after_first = snapshot(empty_db_url)
+    names = {t for _, t in after_first["tables"]}
+    assert EXPECTED_TABLES <= names and "queue" in names
+    assert EXPECTED_INDEXES <= {i for _, i, _ in after_first["indexes"]}
+    assert [v for v, _ in after_first["migrations"]] == [m.version for m in load_migrations()]
+    # Monthly partitions exist around now, plus the default ones.
+    assert {"telemetry_raw_default", "telemetry_agg_default"} <= names
+    assert sum(1 for n in names if n.startswith("telemetry_raw_2")) >= 6
+
+    second = farmiq_edge("migrate", env=env)
+    assert second.returncode == 0 and "migrations applied: 0" in second.stdout
+    assert snapshot(empty_db_url) == after_first
+    assert pending_migrations(empty_db_url) == []
+
+
+def test_two_concurrent_migrations_both_succeed(empty_db_url):
+    env = {"PATH": "/usr/bin:/bin", "EDGE_DATABASE_URL": empty_db_url}
+    procs = [subprocess.Popen([sys.executable, "-m", "workers.cli", "migrate"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        results.append((p.returncode, out, err))
+    assert [code for code, _, _ in results] == [0, 0], results
+    applied = sorted(out.strip() for _, out, _ in results)
+    assert applied[0] == "migrations applied: 0"  # the loser waited on the lock, then found nothing
+    assert applied[1].startswith(f"migrations applied: {len(load_migrations())}")
+
+
+def test_a_bad_setting_stops_startup_naming_the_variable(empty_db_url):
+    env = {"PATH": "/usr/bin:/bin", "EDGE_DATABASE_URL": empty_db_url, "EDGE_RETENTION_RAW_DAYS": "5"}
+    result = farmiq_edge("migrate", env=env)
+    assert result.returncode == 2
+    assert "EDGE_RETENTION_RAW_DAYS" in result.stderr
+    assert pending_migrations(empty_db_url)  # nothing ran
+
+
+def test_cannot_connect_exits_3():
+    env = {"PATH": "/usr/bin:/bin", "EDGE_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}
+    result = farmiq_edge("migrate", env=env)
+    assert result.returncode == 3
+    assert "cannot connect" in result.stderr
+
+
+def test_usage_error_exits_2():
+    result = farmiq_edge("worker", "--queues", "nonsense", env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
