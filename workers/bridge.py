@@ -132,18 +132,16 @@ class Bridge:
 
     def run(self) -> None:
         self.connect()
-        heartbeat = Path(self.settings.bridge_heartbeat_path)
         last_beat = 0.0
-        while True:
+        while not self.stopping.is_set():
             batch = self._collect()
-            if batch.deliveries:
-                self._commit_with_retry(batch)
+            if batch.deliveries and self._commit_with_retry(batch):
                 self._ack(batch)
             if time.monotonic() - last_beat >= HEARTBEAT_EVERY_SECONDS:
-                heartbeat.touch()
+                self._beat()
                 last_beat = time.monotonic()
-            if self.stopping.is_set() and not batch.deliveries:
-                break
+        # The batch in hand is committed and acked; whatever is still in the
+        # inbox was never acked, so the broker keeps it for the next session.
         self.client.disconnect()
         self.client.loop_stop()
         log.info("event=bridge_stopped")
@@ -171,17 +169,24 @@ class Bridge:
                 item = None
         return batch
 
-    def _commit_with_retry(self, batch: Batch) -> None:
+    def _beat(self) -> None:
+        Path(self.settings.bridge_heartbeat_path).touch()
+
+    def _commit_with_retry(self, batch: Batch) -> bool:
+        """Commit, retrying while the database is unreachable; False if stopped first."""
         backoff = 0.5
         while True:
             try:
                 self._commit(batch)
-                return
+                return True
             except (OperationalError, InterfaceError) as exc:
-                # Nothing was acked: keep the batch in hand and try again.
+                # Nothing was acked: keep the batch in hand and try again. Alive
+                # (heartbeat) but not making progress; metrics and logs say why.
                 log.warning("event=db_unavailable retry_in=%.1fs error=%s", backoff,
                             str(exc.orig).strip().splitlines()[0])
-                time.sleep(backoff)
+                self._beat()
+                if self.stopping.wait(backoff):
+                    return False  # never acked: the broker redelivers next session
                 backoff = min(backoff * 2, MAX_DB_BACKOFF_SECONDS)
 
     def _commit(self, batch: Batch) -> None:

@@ -75,3 +75,17 @@ def test_ingest_worker_killed_mid_batch(pipeline, db_url):
                           "AND state IN ('queued', 'consumed')") > 0
     p.worker()
     assert_exactly_once(db_url)
+
+
+def test_broker_restart_bridge_reconnects_and_resumes_its_session(pipeline, mqtt_broker, db_url):
+    p = pipeline(EDGE_SYNC_TELEMETRY="raw")
+    bridge = p.bridge()
+    p.worker()
+    batch = messages(N)
+    publish_all(p.env["EDGE_MQTT_URL"], batch[: N // 2])
+    mqtt_broker.stop()  # SIGTERM: Mosquitto saves its persistent sessions
+    mqtt_broker.start()  # same port, same data directory
+    publish_all(p.env["EDGE_MQTT_URL"], batch[N // 2:])
+    assert_exactly_once(db_url)
+    assert bridge.log().count("event=mqtt_connected") >= 2
+    assert bridge.proc.poll() is None
