@@ -19,7 +19,6 @@ from models.settings import Settings
 
 log = logging.getLogger("farmiq_edge.up")
 PROCFILE = Path(__file__).resolve().parents[1] / "Procfile"
-FIRST_METRICS_PORT = 9191
 
 
 def procfile_commands(procfile: Path = PROCFILE) -> dict[str, list[str]]:
@@ -61,10 +60,13 @@ def run_up(settings: Settings, *, state_dir: Path, simulate: bool) -> int:
         commands = procfile_commands()
         if simulate:
             commands["simulate"] = [sys.executable, "-m", "workers.cli", "simulate"]
-        for port, (name, argv) in enumerate(commands.items(), start=FIRST_METRICS_PORT):
+        for offset, (name, argv) in enumerate(commands.items()):
+            # One metrics port per process (9191, 9192, …); 0 keeps them all off.
+            port = settings.metrics_port + offset if settings.metrics_port else 0
             manager.add_process(name, shlex.join(argv), env={**env, "EDGE_METRICS_PORT": str(port)})
         manager.loop()  # returns when any child exits or on Ctrl-C/SIGTERM; stops the rest
-        return manager.returncode or 0
+        # honcho reports a requested stop as 130/143 (shell style); for us it is success.
+        return 0 if manager.returncode in (None, 130, 143) else 1
     finally:
         for service in reversed(services):
             service.stop()
