@@ -163,9 +163,11 @@ class EdgeBroker(PostgresBroker):
 
 
 def edge_middleware(settings: Settings) -> list:
+    # after_* hooks run in reverse order: DeadLetters, listed before Retries,
+    # sees Retries' verdict on a failed message.
     middleware = [AgeLimit(), TimeLimit(), ShutdownNotifications(), Callbacks(), Pipelines(),
-                  Retries(max_retries=10, min_backoff=500, max_backoff=300_000,
-                          retry_when=retry_unless_permanent(10)), DeadLetters()]
+                  DeadLetters(), Retries(max_retries=10, min_backoff=500, max_backoff=300_000,
+                                         retry_when=retry_unless_permanent(10))]
     if settings.metrics_port:
         # Its port and multiprocess directory are read from the environment
         # at import; `farmiq-edge worker` sets them before dramatiq starts.

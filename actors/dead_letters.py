@@ -29,8 +29,8 @@ def retry_unless_permanent(max_retries: int) -> Callable[[int, BaseException], b
 class DeadLetters(Middleware):
     """Records why a message was rejected and counts it.
 
-    Must come after Retries in the middleware list: Retries decides whether
-    the message has failed, this middleware then labels it.
+    Must be listed BEFORE Retries: dramatiq runs after_* hooks in reverse
+    order, so this one then runs after Retries has decided the message failed.
     """
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
