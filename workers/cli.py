@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 import psycopg2
+import sqlalchemy.exc
 
 from models.settings import Settings, SettingsError, load_settings
 
@@ -189,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(settings, args)
-    except psycopg2.OperationalError as exc:
-        print(f"farmiq-edge: cannot connect to the database: {str(exc).strip()}", file=sys.stderr)
+    except (psycopg2.OperationalError, sqlalchemy.exc.OperationalError) as exc:
+        error = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+        print(f"farmiq-edge: cannot connect to the database: {str(error).strip()}", file=sys.stderr)
         return EXIT_CANNOT_CONNECT
     except KeyboardInterrupt:
         return EXIT_OK
