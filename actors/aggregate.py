@@ -26,10 +26,11 @@ from schema.db import transaction
 
 PENDING_PAGE = 5000
 CLOSE_OUT_PAGE = 2000
+MAX_PAGES_PER_RUN = 20
 WINDOWS = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 
 # Claim a page of pending partials (skipping rows another run holds) and return
-# them merged per minute bucket.
+# them merged per minute bucket, with how many pending rows each one merged.
 CLAIM_PENDING = text("""
     WITH claimed AS (
         DELETE FROM telemetry_agg_pending
@@ -39,7 +40,7 @@ CLAIM_PENDING = text("""
                count, sum_value, min_value, max_value)
     SELECT tenant_id, farm_id, barn_id, device_id, metric_type, bucket_start_at,
            sum(count)::bigint AS count, sum(sum_value) AS sum_value,
-           min(min_value) AS min_value, max(max_value) AS max_value
+           min(min_value) AS min_value, max(max_value) AS max_value, count(*) AS pending_rows
       FROM claimed
      GROUP BY tenant_id, farm_id, barn_id, device_id, metric_type, bucket_start_at
 """)
@@ -53,19 +54,27 @@ OLDEST_PENDING_AGE = text("""
 def aggregate_pending() -> None:
     settings = get_settings()
     emit = settings.sync_telemetry in ("agg", "both")
-    while True:
+    # Merge what is pending first, then close out: closing out between pages
+    # would send a bucket spanning two pages twice. Bounded, so a backlog
+    # cannot starve close-out; the scheduler's next tick carries on.
+    for _ in range(MAX_PAGES_PER_RUN):
         with transaction(settings.database_url) as conn:
-            claimed = merge_pending(conn)
+            if merge_pending(conn) < PENDING_PAGE:
+                break
+    for _ in range(MAX_PAGES_PER_RUN):
         with transaction(settings.database_url) as conn:
-            closed = close_out_buckets(conn, emit_events=emit)
-        if claimed < PENDING_PAGE and closed < CLOSE_OUT_PAGE:
-            break
+            if close_out_buckets(conn, emit_events=emit) < CLOSE_OUT_PAGE:
+                break
     with transaction(settings.database_url) as conn:
         AGG_LAG.set(conn.execute(OLDEST_PENDING_AGE).scalar_one())
 
 
 def merge_pending(conn: Connection, page: int = PENDING_PAGE) -> int:
-    """Claim up to `page` pending rows and merge them; return how many minute buckets."""
+    """Claim up to `page` pending rows and merge them; return how many pending rows.
+
+    Rows, not minute buckets: the caller compares it with the page size to know
+    whether more is pending (many rows of one busy minute merge into one bucket).
+    """
     minutes = conn.execute(CLAIM_PENDING, {"page": page}).all()
     buckets: dict[tuple, list] = {}
     for m in minutes:
@@ -101,7 +110,7 @@ def merge_pending(conn: Connection, page: int = PENDING_PAGE) -> int:
               "needs_sync": True, "updated_at": func.now()}), rows)
     for (_, _, _, window, _) in buckets:
         AGG_BUCKETS_WRITTEN.labels(window).inc()
-    return len(minutes)
+    return sum(m.pending_rows for m in minutes)
 
 
 def close_out_buckets(conn: Connection, *, emit_events: bool, page: int = CLOSE_OUT_PAGE) -> int:

@@ -39,7 +39,7 @@ class EdgeProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)  # the main process; dramatiq forwards it
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
