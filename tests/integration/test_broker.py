@@ -136,11 +136,11 @@ def test_six_queues_in_one_worker(db_url, make_broker, served, caplog):
     broker = make_broker(db_url)
     counts = {f"q{i}": Counter() for i in range(6)}
     actors = {q: declare(broker, q, c) for q, c in counts.items()}
+    for actor in actors.values():  # before the worker holds the pool's connections
+        actor.send()
     worker = Worker(broker, worker_threads=THREADS, worker_timeout=100)
     worker.start()
     try:
-        for actor in actors.values():
-            actor.send()
         deadline = time.monotonic() + 15
         while sum(c.n for c in counts.values()) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
