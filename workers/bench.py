@@ -55,6 +55,7 @@ import psutil
 import psycopg2
 
 from models.settings import Settings
+from schema.databases import create_database, drop_database
 from workers import bench_mqtt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,20 +269,6 @@ def _answers(url: str) -> bool:
         return True
     except psycopg2.OperationalError:
         return False
-
-
-def with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + name))
-
-
-def admin_execute(admin_url: str, sql: str) -> None:
-    conn = psycopg2.connect(admin_url, connect_timeout=10)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
 
 
 class Db:
@@ -547,9 +534,7 @@ class Bench:
             pg = start_postgres(self.tmp / "pgdata")
             self.services.append(pg)
             self.admin_url = pg.url
-        admin_execute(self.admin_url, f"DROP DATABASE IF EXISTS {self.db_name} WITH (FORCE)")
-        admin_execute(self.admin_url, f"CREATE DATABASE {self.db_name}")
-        self.db_url = with_database(self.admin_url, self.db_name)
+        self.db_url = create_database(self.admin_url, self.db_name)
         migrate(self.db_url)
         self.db = Db(self.db_url)
 
@@ -599,8 +584,7 @@ class Bench:
         if self.db is not None:
             steps.append(("monitor connection", self.db.close))
         if self.db_url:
-            steps.append((f"database {self.db_name}", lambda: admin_execute(
-                self.admin_url, f"DROP DATABASE IF EXISTS {self.db_name} WITH (FORCE)")))
+            steps.append((f"database {self.db_name}", lambda: drop_database(self.admin_url, self.db_name)))
         steps += [(type(service).__name__, service.stop) for service in reversed(self.services)]
         steps.append((str(self.tmp), lambda: shutil.rmtree(self.tmp, ignore_errors=True)))
         for what, step in steps:

@@ -11,7 +11,8 @@ before the PUBACK; one transaction per event), just no batching.
 Only the benchmark starts these, against its scratch database and broker.
 """
 
-from actors.broker import broker, tune_gc  # noqa: I001 - the broker is set before any actor
+from actors.broker import broker  # noqa: I001 - the broker is set before any actor
+from actors.gc_tuning import tune_gc
 
 import logging
 import signal

@@ -231,7 +231,7 @@ def run_bridge(settings: Settings) -> int:
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     bridge = Bridge(settings)
-    tune_gc()  # throughput: see actors/broker.py
+    tune_gc()  # throughput: see actors/gc_tuning.py
     signal.signal(signal.SIGTERM, bridge.stop)
     signal.signal(signal.SIGINT, bridge.stop)
     log.info("event=bridge_starting mqtt=%s protocol=%s client_id=%s", _redact(settings.mqtt_url),

@@ -59,7 +59,8 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         try:
             age = time.time() - os.stat(args.heartbeat).st_mtime
         except FileNotFoundError:
-            age = float("inf")
+            print(f"unhealthy: no heartbeat file {args.heartbeat}", file=sys.stderr)
+            return EXIT_FAILURE
         if age > args.max_age:
             print(f"unhealthy: heartbeat {args.heartbeat} is {age:.0f}s old", file=sys.stderr)
             return EXIT_FAILURE

@@ -29,10 +29,10 @@ class Pipeline:
         self.processes.append(proc)
         return proc
 
-    def bridge(self, **extra_env: str) -> EdgeProcess:
-        heartbeat = Path(self.env["EDGE_BRIDGE_HEARTBEAT_PATH"])
+    def bridge(self, name: str = "bridge", **extra_env: str) -> EdgeProcess:
+        heartbeat = self.tmp / f"{name}.heartbeat"
         heartbeat.unlink(missing_ok=True)
-        proc = self.start("bridge", ["bridge"], **extra_env)
+        proc = self.start(name, ["bridge"], EDGE_BRIDGE_HEARTBEAT_PATH=str(heartbeat), **extra_env)
         # Connected and subscribed: the persistent session now queues for us.
         wait_until(lambda: "event=mqtt_subscribed" in proc.log() and heartbeat.exists(), 20,
                    "the bridge to connect")
