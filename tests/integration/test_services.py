@@ -18,9 +18,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.support.services import MOSQUITTO_CONFIG, database_admin_url
-from workers.embedded import MOSQUITTO, BrokerProcess, start_mosquitto, start_mqtt, start_postgres
+from workers.embedded import BrokerProcess, start_mosquitto, start_mqtt, start_postgres
 
-needs_mosquitto = pytest.mark.skipif(not MOSQUITTO.exists(), reason=f"{MOSQUITTO} not installed")
 
 
 def select_one_psycopg2(url: str) -> int:
@@ -123,7 +122,6 @@ class Client:
         self.mqtt.loop_stop()
 
 
-@needs_mosquitto
 def test_private_mosquitto_queues_a_5000_message_burst_for_a_disconnected_session(tmp_path: Path) -> None:
     # The stock config would keep 1,000 of these and drop the rest silently.
     with start_mosquitto(MOSQUITTO_CONFIG, tmp_path / "mosquitto") as broker:
@@ -143,7 +141,6 @@ def test_private_mosquitto_queues_a_5000_message_burst_for_a_disconnected_sessio
             subscriber.disconnect()
 
 
-@needs_mosquitto
 @pytest.mark.parametrize("ending", ["stop", "kill"])
 def test_mosquitto_restart_delivers_a_message_queued_for_a_persistent_session(
         tmp_path: Path, ending: str) -> None:
