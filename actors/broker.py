@@ -113,10 +113,7 @@ class EdgeConsumer(PostgresConsumer):
             # pages of ids; NOTIFY payloads are only a wake-up.
             self.pending_ids = self.fetch_pending_ids()
             if not self.pending_ids:
-                listen_conn = self.get_listen_conn()
-                if not listen_conn.notifies:  # none arrived during the read
-                    wait_for_notifies(listen_conn, self.timeout)
-                listen_conn.notifies.clear()
+                self.wait_for_work()
                 return None
         while self.pending_ids:
             message_id = self.pending_ids.pop(0)
@@ -131,11 +128,15 @@ class EdgeConsumer(PostgresConsumer):
         # the page at once was a busy loop: ~1,000 SELECTs a second against
         # PostgreSQL while a batch was processed. Wait for new work (NOTIFY),
         # or the timeout, which still re-reads for messages of a dead consumer.
+        self.wait_for_work()
+        return None
+
+    def wait_for_work(self) -> None:
+        """Until a NOTIFY (one may have come during the last read) or the timeout."""
         listen_conn = self.get_listen_conn()
         if not listen_conn.notifies:
             wait_for_notifies(listen_conn, self.timeout)
         listen_conn.notifies.clear()
-        return None
 
     @raise_connection_error
     def fetch_pending_ids(self) -> list[str]:
