@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     sync_telemetry: Literal["agg", "raw", "both"] = "agg"
 
     # Ingress validation (SPEC §1).
-    max_clock_skew_hours: float = Field(default=24, gt=0, le=24 * 7)
+    # An ISO 8601 duration, e.g. PT24H.
+    max_clock_skew: timedelta = Field(default=timedelta(hours=24), gt=timedelta(0), le=timedelta(days=7))
     media_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
 
     # Bridge: MQTT session and micro-batching.
@@ -61,10 +62,6 @@ class Settings(BaseSettings):
     worker_threads: int = Field(default=4, ge=1, le=64)
     worker_shutdown_seconds: int = Field(default=30, ge=1, le=600)
     metrics_port: int = Field(default=9191, ge=0, le=65_535)
-
-    @property
-    def max_clock_skew(self) -> timedelta:
-        return timedelta(hours=self.max_clock_skew_hours)
 
     @property
     def max_payload_bytes(self) -> int:

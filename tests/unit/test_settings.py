@@ -24,6 +24,14 @@ def test_out_of_range_names_the_variable(monkeypatch, name, value):
         load_settings()
 
 
+def test_clock_skew_is_a_duration(monkeypatch):
+    monkeypatch.setenv("EDGE_MAX_CLOCK_SKEW", "PT2H")
+    assert load_settings().max_clock_skew.total_seconds() == 7200
+    monkeypatch.setenv("EDGE_MAX_CLOCK_SKEW", "PT800H")
+    with pytest.raises(SettingsError, match="EDGE_MAX_CLOCK_SKEW"):
+        load_settings()
+
+
 def test_in_range_values_are_taken(monkeypatch):
     monkeypatch.setenv("EDGE_RETENTION_RAW_DAYS", "90")
     monkeypatch.setenv("EDGE_SYNC_TELEMETRY", "both")
