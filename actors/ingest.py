@@ -8,7 +8,7 @@ message is redelivered); after it, the dedupe rows make a redelivery a no-op.
 from actors.broker import broker  # noqa: I001 - the broker is set before any actor
 
 import io
-from collections import defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,12 +90,8 @@ def ingest_events(conn: Connection, events: list, *, sync_telemetry: str) -> Ing
     } if keys else set()
     fresh = [first[k] for k in keys if k in new_keys]
 
-    result = IngestResult(defaultdict(int), defaultdict(int), defaultdict(int))
-    for event in events:
-        result.duplicates[event.kind] += 1
-    for event in fresh:
-        result.accepted[event.kind] += 1
-        result.duplicates[event.kind] -= 1
+    accepted = Counter(e.kind for e in fresh)
+    result = IngestResult(accepted, Counter(e.kind for e in events) - accepted, Counter())
 
     _apply_telemetry(conn, [e for e in fresh if isinstance(e, TelemetryEvent)], sync_telemetry)
     for reason in _apply_sessions(conn, [e for e in fresh if isinstance(e, SessionEvent)]):

@@ -10,6 +10,15 @@ def database_url(server_url: str, name: str) -> str:
     return urlunsplit(urlsplit(server_url)._replace(path="/" + name))
 
 
+def database_answers(url: str, timeout_seconds: int = 2) -> bool:
+    """True if a connection to `url` opens within the timeout."""
+    try:
+        psycopg2.connect(url, connect_timeout=timeout_seconds).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
 def admin_execute(server_url: str, sql: str) -> None:
     """Run one statement outside a transaction (CREATE/DROP DATABASE need that)."""
     conn = psycopg2.connect(server_url, connect_timeout=10)

@@ -33,14 +33,12 @@ Ctrl-C or SIGTERM stops every process it started and removes what it made.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,15 +53,14 @@ import psutil
 import psycopg2
 
 from models.settings import Settings
-from schema.databases import create_database, drop_database
+from schema.databases import create_database, database_answers, drop_database
 from workers import bench_mqtt
+from workers.processes import ROOT, EdgeProcess, NotReady, edge_command
 
-ROOT = Path(__file__).resolve().parents[1]
 MOSQUITTO_CONFIG = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
 POLL_SECONDS = 0.5             # database progress poll (also the lag sampling period)
 PRINT_EVERY_SECONDS = 1.0
 RSS_SAMPLE_SECONDS = 0.2
-READY_TIMEOUT_SECONDS = 60.0
 STALL_SECONDS = 60.0           # no new commit for this long: the pipeline is stuck, FAIL
 SETTLE_TIMEOUT_SECONDS = 120.0
 NAIVE_MAX_MESSAGES = 10_000
@@ -75,71 +72,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 # --- child processes -----------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    # In the child before exec: SIGTERM when the benchmark dies (even by SIGKILL).
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Child:
-    """A subprocess in its own session (dramatiq forks: signals go to the group)."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name, self.argv, self.env, self.log_path = name, argv, env, log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Child:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env={**os.environ, **self.env},
-                                         stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 30) -> None:
-        if not self.alive():
-            return
-        assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        except ProcessLookupError:
-            pass
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_for_log(self, text: str, timeout: float = READY_TIMEOUT_SECONDS) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log():
-                return
-            if not self.alive():
-                raise BenchError(f"{self.name} exited before it was ready; last log lines:\n"
-                                 + "\n".join(self.log().splitlines()[-15:]))
-            time.sleep(0.1)
-        raise BenchError(f"{self.name} not ready after {timeout:.0f}s (no {text!r} in its log)")
-
-
-def edge_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "workers.cli", *args]
-
-
-class BenchError(Exception):
+class BenchError(NotReady):
     """Setup failed or the pipeline got stuck; the message says what happened."""
 
 
@@ -262,14 +195,6 @@ def machine_load(seconds: float = 1.0) -> float:
 
 
 # --- database ------------------------------------------------------------------
-
-def _answers(url: str) -> bool:
-    try:
-        psycopg2.connect(url, connect_timeout=3).close()
-        return True
-    except psycopg2.OperationalError:
-        return False
-
 
 class Db:
     """An autocommit connection for the monitor's queries."""
@@ -509,7 +434,7 @@ class Bench:
     def __init__(self, settings: Settings, args: Any) -> None:
         self.settings, self.args = settings, args
         self.tmp = Path(tempfile.mkdtemp(prefix="farmiq-bench-"))
-        self.children: list[Child] = []
+        self.children: list[EdgeProcess] = []
         self.publishers: list[Publishers] = []
         self.services: list[Any] = []
         self.admin_url = ""
@@ -520,7 +445,7 @@ class Bench:
         self.protocol = "5"
         self.env: dict[str, str] = {}
         self.failures: list[str] = []
-        self.aggregation: list[Child] = []
+        self.aggregation: list[EdgeProcess] = []
 
     # -- setup and teardown --------------------------------------------------
 
@@ -529,7 +454,7 @@ class Bench:
         from workers.embedded import MOSQUITTO, start_mosquitto, start_mqtt, start_postgres
 
         self.admin_url = self.settings.database_url
-        if not _answers(self.admin_url):
+        if not database_answers(self.admin_url):
             say(f"no PostgreSQL answers at {_redact(self.admin_url)}; starting an embedded one (pgserver)")
             pg = start_postgres(self.tmp / "pgdata")
             self.services.append(pg)
@@ -565,12 +490,12 @@ class Bench:
         say(f"machine    {psutil.cpu_count()} cores, {platform.python_implementation()} "
             f"{platform.python_version()}; logs in {self.tmp}")
 
-    def start_child(self, name: str, argv: list[str], **env: str) -> Child:
-        child = Child(name, argv, {**self.env, **env}, self.tmp / f"{name}.log").start()
+    def start_child(self, name: str, argv: list[str], **env: str) -> EdgeProcess:
+        child = EdgeProcess(name, argv, {**self.env, **env}, self.tmp / f"{name}.log").start()
         self.children.append(child)
         return child
 
-    def stop_children(self, children: list[Child]) -> None:
+    def stop_children(self, children: list[EdgeProcess]) -> None:
         for child in children:
             child.stop()
             if child in self.children:
@@ -595,7 +520,7 @@ class Bench:
 
     # -- the pipeline ----------------------------------------------------------
 
-    def start_pipeline(self) -> dict[str, Child]:
+    def start_pipeline(self) -> dict[str, EdgeProcess]:
         client_id = f"farmiq-bench-bridge-{os.getpid()}"
         prepare_session(self.broker.url, client_id, self.protocol,
                         self.settings.mqtt_session_expiry_seconds)
@@ -946,7 +871,7 @@ def run_bench(settings: Settings, args: Any) -> int:
     except KeyboardInterrupt:
         say("\ninterrupted: stopping everything the benchmark started")
         return EXIT_FAILURE
-    except BenchError as exc:
+    except NotReady as exc:  # BenchError included
         say(f"\nFAIL: {exc}")
         return EXIT_FAILURE
     finally:

@@ -10,7 +10,6 @@ function returns once the service accepts connections; `stop()` (or leaving a
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import os
 import pwd
@@ -28,6 +27,8 @@ from typing import Any, Self
 from urllib.parse import quote
 
 import psutil
+
+from workers.processes import die_with_parent
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 START_TIMEOUT_SECONDS = 20.0
@@ -133,7 +134,7 @@ class BrokerProcess(EmbeddedService):
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
+                env=self.env, start_new_session=True, preexec_fn=die_with_parent)
         try:
             _wait_listening(self._proc, self.port, self.name, self.log_path)
         except BaseException:
@@ -267,18 +268,6 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: SIGTERM it when the parent dies, so a
-    # crashed test run leaves no broker behind. (Linux ties this to the thread
-    # that started the child: start brokers from a long-lived thread.)
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 # --- amqtt child-process body -------------------------------------------------

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import EdgeProcess, edge_env, wait_until
+from tests.support.processes import edge_env, wait_until
+from workers.processes import EdgeProcess, edge_command
 from tests.support.services import burst_mqtt
 
 
@@ -25,7 +26,7 @@ class Pipeline:
         self.processes: list[EdgeProcess] = []
 
     def start(self, name: str, args: list[str], **extra_env: str) -> EdgeProcess:
-        proc = EdgeProcess(args, {**self.env, **extra_env}, self.tmp / f"{name}.log").start()
+        proc = EdgeProcess(name, edge_command(*args), {**self.env, **extra_env}, self.tmp / f"{name}.log").start()
         self.processes.append(proc)
         return proc
 

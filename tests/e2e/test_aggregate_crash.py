@@ -18,7 +18,8 @@ from models.messages import parse_message
 from schema.db import engine_for, transaction
 from tests.integration.test_aggregate import REFERENCE, assert_agg_equals_group_by
 from tests.support import corpus
-from tests.support.processes import EdgeProcess, edge_env, queue_idle, scalar, wait_until
+from tests.support.processes import edge_env, queue_idle, scalar, wait_until
+from workers.processes import EdgeProcess, edge_command
 
 NOW = datetime.now(timezone.utc)
 DEVICES, MINUTES, METRICS = 4, 30, 100
@@ -97,7 +98,7 @@ def test_kill9_mid_run_loses_no_bucket(db_url: str, tmp_path: Path) -> None:
     assert pending(db_url) == total >= 4 * PENDING_PAGE  # several pages: a run takes seconds
     env = edge_env(db_url, NO_MQTT, tmp_path)
 
-    worker = EdgeProcess(["worker", "--queues", "aggregate"], env, tmp_path / "worker-1.log").start()
+    worker = EdgeProcess("worker-1", edge_command("worker", "--queues", "aggregate"), env, tmp_path / "worker-1.log").start()
     try:
         send_aggregate(db_url)
         wait_until(lambda: pending(db_url) < total, 60, "the first page to commit", interval=0.02)
@@ -110,7 +111,7 @@ def test_kill9_mid_run_loses_no_bucket(db_url: str, tmp_path: Path) -> None:
     # The quiet moment after the crash: merged + pending = raw, bucket by bucket.
     assert scalar(db_url, AGG_PLUS_PENDING_MISMATCHES) == 0
 
-    worker = EdgeProcess(["worker", "--queues", "aggregate"], env, tmp_path / "worker-2.log").start()
+    worker = EdgeProcess("worker-2", edge_command("worker", "--queues", "aggregate"), env, tmp_path / "worker-2.log").start()
     try:
         send_aggregate(db_url)
         wait_until(lambda: pending(db_url) == 0 and queue_idle(db_url), 60,

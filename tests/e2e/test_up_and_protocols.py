@@ -9,7 +9,8 @@ import uuid
 from datetime import datetime, timezone
 
 from tests.support.corpus import telemetry_payload, topic
-from tests.support.processes import ROOT, queue_idle, scalar, wait_until
+from tests.support.processes import queue_idle, scalar, wait_until
+from workers.processes import ROOT
 from tests.support.publisher import publish_all
 
 

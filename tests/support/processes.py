@@ -1,54 +1,11 @@
-"""Start farmiq-edge processes the way an operator would, kill them the way a crash would."""
+"""Helpers for tests that run farmiq-edge processes (workers.processes.EdgeProcess)."""
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class EdgeProcess:
-    """`farmiq-edge <args>` as a child process with its own EDGE_* environment."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.args, self.env, self.log_path = args, env, log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "EdgeProcess":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", *self.args], cwd=ROOT,
-                                     env={**os.environ, **self.env}, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        return self
-
-    def kill9(self) -> None:
-        """A crash: SIGKILL to the whole process group (dramatiq forks workers)."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 30) -> int | None:
-        """A clean shutdown: SIGTERM, then wait."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # the main process; dramatiq forwards it
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def edge_env(db_url: str, mqtt_url: str, tmp: Path, **extra: str) -> dict[str, str]:

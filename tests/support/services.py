@@ -17,8 +17,8 @@ import socket
 import tempfile
 from pathlib import Path
 
-import psycopg2
 
+from schema.databases import database_answers
 from workers.embedded import (MOSQUITTO, EmbeddedService, start_mosquitto, start_mqtt,
                               start_postgres)
 
@@ -32,7 +32,7 @@ def database_admin_url() -> str:
     """A superuser URL for creating test databases."""
     if url := os.environ.get("EDGE_DATABASE_URL"):
         return url
-    if _postgres_answers(SYSTEM_DATABASE_URL):
+    if database_answers(SYSTEM_DATABASE_URL):
         return SYSTEM_DATABASE_URL
     service = start_postgres(_temp_dir("pg") / "pgdata")
     atexit.register(service.stop)
@@ -65,19 +65,6 @@ def _temp_dir(what: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=f"farmiq-test-{what}-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
-
-
-def _postgres_answers(url: str) -> bool:
-    try:
-        conn = psycopg2.connect(url, connect_timeout=2)
-    except psycopg2.Error:
-        return False
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1")
-        return True
-    finally:
-        conn.close()
 
 
 def _mqtt_answers(host: str, port: int) -> bool:
