@@ -53,14 +53,17 @@ class RowSize:
 
 
 # Bytes per row on PostgreSQL 15 with ids like tenant-01 / farm-01 / barn-01 /
-# sensor-0001 and metric types like temperature (see the module docstring).
-# "queue" is per telemetry event waiting in an ingest batch message.
+# sensor-0001 and metric types like temperature (see the module docstring), as
+# tests/integration/test_capacity.py measures them. telemetry_agg includes the
+# dead version its close-out update leaves (each row updated once, not yet
+# vacuumed), the realistic state of a busy table. "queue" is per telemetry
+# event waiting in an ingest batch message (the JSON body compresses in TOAST).
 BUILTIN: dict[str, RowSize] = {
-    "telemetry_raw": RowSize(heap=126, index=121),
-    "telemetry_agg": RowSize(heap=184, index=150),
-    "ingress_dedupe": RowSize(heap=62, index=61),
-    "sync_outbox": RowSize(heap=406, index=84),
-    "queue": RowSize(heap=227, index=0),
+    "telemetry_raw": RowSize(heap=131, index=96),
+    "telemetry_agg": RowSize(heap=345, index=235),
+    "ingress_dedupe": RowSize(heap=70, index=76),
+    "sync_outbox": RowSize(heap=411, index=100),
+    "queue": RowSize(heap=43, index=2),
     # Not measured by the test (no media/inference pipeline on this branch):
     # estimated from column widths plus tuple and index-entry overheads.
     "weight_sessions": RowSize(heap=160, index=90, source="built-in (estimate)"),
@@ -180,11 +183,15 @@ def parse_duration(text: str) -> float:
 # table_bytes: heap (with TOAST) and index bytes over a table's partition tree, and its rows
 # (planner estimate when analyzed, else counted by the caller).
 TABLE_BYTES = """
-    SELECT coalesce(sum(pg_table_size(relid)), 0)    AS heap,
-           coalesce(sum(pg_indexes_size(relid)), 0)  AS index,
-           coalesce(sum(greatest(c.reltuples, 0)), 0) AS estimated_rows
-      FROM pg_partition_tree(CAST(:table AS regclass)) t
-      JOIN pg_class c ON c.oid = t.relid
+    WITH tree AS (SELECT relid, isleaf FROM pg_partition_tree(CAST(:table AS regclass))),
+         rels AS (SELECT relid, isleaf FROM tree
+                  UNION ALL  -- a plain table has no partition tree
+                  SELECT CAST(:table AS regclass), true WHERE NOT EXISTS (SELECT FROM tree))
+    SELECT coalesce(sum(pg_table_size(relid)), 0)                                AS heap,
+           coalesce(sum(pg_indexes_size(relid)), 0)                              AS index,
+           coalesce(sum(greatest(c.reltuples, 0)) FILTER (WHERE rels.isleaf), 0) AS estimated_rows
+      FROM rels
+      JOIN pg_class c ON c.oid = rels.relid
 """
 # queue_events: telemetry events waiting in ingest batch messages (args[0] is the event list).
 QUEUE_EVENTS = """
@@ -209,11 +216,11 @@ def measure(conn: Any, min_rows: int = MEASURE_MIN_ROWS) -> tuple[dict[str, RowS
         if name == "queue":
             rows = conn.execute(text(QUEUE_EVENTS)).scalar_one()
         else:
-            rows = r.estimated_rows
+            rows = float(r.estimated_rows)
             if rows < min_rows * 10:  # small or never analyzed: count exactly (cheap at that size)
-                rows = conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+                rows = float(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
         if rows >= min_rows:
-            sizes[name] = RowSize(heap=r.heap / rows, index=r.index / rows, source=f"measured ({rows:,.0f} rows)")
+            sizes[name] = RowSize(heap=float(r.heap) / rows, index=float(r.index) / rows, source=f"measured ({rows:,.0f} rows)")
     n_frames, avg_frame = conn.execute(text(MEDIA_FRAME_BYTES)).one()
     return sizes, (float(avg_frame) if n_frames and n_frames >= 10 else None)
 
@@ -294,6 +301,7 @@ def report(a: Assumptions, sizes: dict[str, RowSize], p: Plan, *, frame_source: 
         f"  media PVC (farmiq-media, /data/media): {pvc_size(p.media_pvc_bytes)}"
         f"  ({human_bytes(p.media_pvc_bytes)})",
         "",
+        *_smallest(a, sizes),
         "Settings these figures assume (config.env):",
         f"  EDGE_RETENTION_RAW_DAYS={a.retention_raw_days}",
         f"  EDGE_RETENTION_AGG_DAYS={a.retention_agg_days}",
@@ -303,6 +311,23 @@ def report(a: Assumptions, sizes: dict[str, RowSize], p: Plan, *, frame_source: 
         f"  EDGE_SYNC_TELEMETRY={a.sync_telemetry}",
     ]
     return "\n".join(out)
+
+
+# The shortest retention windows the settings allow (SPEC §4).
+MINIMUM_RETENTION = {"retention_raw_days": 30, "retention_agg_days": 180, "retention_media_days": 30,
+                     "retention_outbox_days": 7, "dedupe_ttl_hours": 24}
+
+
+def _smallest(a: Assumptions, sizes: dict[str, RowSize]) -> list[str]:
+    """What the shortest allowed retention windows would need, when that is smaller."""
+    low = replace(a, **MINIMUM_RETENTION)
+    if low == a:
+        return []
+    p = plan(low, sizes)
+    settings = " ".join(f"EDGE_{k.upper()}={v}" for k, v in MINIMUM_RETENTION.items())
+    return [f"With the shortest windows allowed ({settings}):",
+            f"  PostgreSQL data volume {pvc_size(p.database_volume_bytes)}, "
+            f"media PVC {pvc_size(p.media_pvc_bytes)}", ""]
 
 
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

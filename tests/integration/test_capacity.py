@@ -70,11 +70,14 @@ def test_builtin_bytes_per_row_match_a_measured_run(db_url: str) -> None:
 
     assert raw_rows == DEVICES * MESSAGES_PER_DEVICE * READINGS == 100_000
     assert frame is None  # no media in this run: --frame-kb stays
+    stale = []
     for table in MEASURED:
         got, builtin = sizes[table], BUILTIN[table]
         print(f"{table}: measured {got.heap:.0f} + {got.index:.0f} = {got.total:.0f} B/row "
-              f"({got.source}); built-in {builtin.total:.0f}")
-        assert builtin.total == pytest.approx(got.total, rel=0.20), table
+              f"({got.source}); built-in {builtin.heap:.0f} + {builtin.index:.0f} = {builtin.total:.0f}")
+        if builtin.total != pytest.approx(got.total, rel=0.20):
+            stale.append(table)
+    assert stale == [], "built-in bytes per row off by more than 20 %"
 
 
 def test_plan_for_200_devices_10_cameras_7_days_offline() -> None:
