@@ -19,8 +19,8 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from sqlalchemy import Connection, text
 
 from actors.queue_consumer import LEASE_SECONDS
 from schema.db import transaction
+from workers.operator import format_age
 
 # Queues that exist in every deployment, shown even while empty.
 BASE_QUEUES = ("ingest", "aggregate")
@@ -185,7 +186,6 @@ class Snapshot:
     inference_backlog: int | None                  # None: table not there
     retention: list[RetentionRun] | None           # None: table not there
     volume: Volume
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def collect(conn: Connection, *, media_root: str) -> Snapshot:
@@ -328,19 +328,7 @@ def _table(title: str) -> Table:
 
 def age(seconds: float | None) -> str:
     """A duration as an operator reads it: 45s, 12m05s, 3h07m, 2d04h; '-' for none."""
-    if seconds is None:
-        return "-"
-    total = max(0, int(seconds))
-    days, rest = divmod(total, 86_400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
+    return format_age(None if seconds is None else timedelta(seconds=seconds))
 
 
 def human_bytes(n: float) -> str:

@@ -140,3 +140,19 @@ def _count_after_restart(tmp_path: Path) -> int:
     finally:
         term.close()
     return int(n)
+
+
+def test_status_watch_redraws_in_place_until_ctrl_c(db_url, tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGE_")},
+           "EDGE_DATABASE_URL": db_url, "EDGE_MEDIA_ROOT": str(tmp_path)}
+    term = Terminal([sys.executable, "-m", "workers.cli", "status", "--watch", "--interval", "0.5"], env)
+    try:
+        wait_until(lambda: term.read().count("Queues (dramatiq.queue)") >= 1, 30, "the first frame")
+        first = len(term.screen)
+        wait_until(lambda: term.read() is not None and len(term.screen) > first + 200, 30, "a redraw")
+        # Redrawn in place: rich moves the cursor up over the previous frame and erases it.
+        assert re.search(rb"\x1b\[\d*A", term.screen) and b"\x1b[2K" in term.screen
+        term.ctrl_c()
+        assert term.wait(30) == 0
+    finally:
+        term.close()
