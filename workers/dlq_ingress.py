@@ -28,15 +28,15 @@ from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import ValidationError
-from sqlalchemy import Connection, text
+from sqlalchemy import text
 
 from models.dead_letters import MAX_DEAD_LETTER_PAYLOAD
-from models.messages import INGRESS_EVENTS, Rejected, parse_message
 from models.settings import Settings
 from schema.db import raw_cursor, transaction
 from workers.capacity import parse_duration
-from workers.status import age
+
+# Imported where used, so that building the CLI's parser stays light:
+# models.messages (validation, Pillow), workers.status (rich), actors.* (the broker).
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PAGE = 500
@@ -165,6 +165,7 @@ def topic_like(pattern: str | None) -> str | None:
 
 
 def list_(url: str, filters: dict[str, Any], *, limit: int) -> int:
+    from workers.status import age
     with transaction(url) as conn:
         counts = conn.execute(COUNTS_BY_REASON, filters).all()
         rows = conn.execute(NEWEST, {**filters, "limit": limit}).all()
@@ -185,6 +186,7 @@ def list_(url: str, filters: dict[str, Any], *, limit: int) -> int:
 
 
 def show(url: str, dead_letter_id: str) -> int:
+    from workers.status import age
     try:
         uuid.UUID(dead_letter_id)
     except ValueError:
@@ -224,6 +226,7 @@ class RedriveResult:
 def redrive(settings: Settings, filters: dict[str, Any], *, page: int = PAGE) -> RedriveResult:
     from actors.broker import broker
     from actors.ingest import ingest_batch
+    from models.messages import Rejected
 
     result = RedriveResult()
     after: tuple[Any, str] | None = None
@@ -262,6 +265,9 @@ def redrive(settings: Settings, filters: dict[str, Any], *, page: int = PAGE) ->
 
 def revalidate(settings: Settings, topic: str, payload: bytes, old_reason: str, now: datetime) -> Any:
     """The event today's rules make of a dead letter, or the `Rejected` they raise."""
+    from pydantic import ValidationError
+
+    from models.messages import INGRESS_EVENTS, Rejected, parse_message
     try:
         return parse_message(topic, payload, now=now, max_clock_skew=settings.max_clock_skew,
                              media_max_bytes=settings.media_max_bytes,

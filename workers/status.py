@@ -328,7 +328,7 @@ def _table(title: str) -> Table:
 
 def age(seconds: float | None) -> str:
     """A duration as an operator reads it: 45s, 12m05s, 3h07m, 2d04h; '-' for none."""
-    return format_age(None if seconds is None else timedelta(seconds=seconds))
+    return format_age(None if seconds is None else timedelta(seconds=float(seconds)))
 
 
 def human_bytes(n: float) -> str:
