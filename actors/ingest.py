@@ -7,6 +7,7 @@ message is redelivered); after it, the dedupe rows make a redelivery a no-op.
 
 from actors.broker import broker  # noqa: I001 - the broker is set before any actor
 
+import base64
 import io
 from collections import Counter
 from dataclasses import dataclass
@@ -154,8 +155,10 @@ def _apply_sessions(conn: Connection, events: list[SessionEvent]) -> list[str]:
     for e in sorted(events, key=lambda e: (str(e.session_id), e.occurred_at)):
         applied = _apply_session_event(conn, e)
         if applied is None:
+            # The bytes as received (raw_b64); a message queued before it existed: re-encoded.
+            raw = base64.b64decode(e.raw_b64) if e.raw_b64 else e.model_dump_json().encode()
             conn.execute(insert(ingress_dead_letters), dead_letter_row(
-                _topic(e), e.model_dump_json().encode(), "session_conflict",
+                _topic(e), raw, "session_conflict",
                 "session_id belongs to another tenant/farm/barn/device"))
             rejected.append("session_conflict")
             continue

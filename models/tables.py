@@ -137,6 +137,7 @@ ingress_dead_letters = Table(
     Column("id", UUID(as_uuid=True), primary_key=True),
     Column("topic", Text, nullable=False),
     Column("payload", LargeBinary, nullable=False),
+    Column("payload_size_bytes", BigInteger),
     Column("reason", Text, nullable=False),
     Column("detail", Text, nullable=False),
     Column("received_at", _tz(), nullable=False),
