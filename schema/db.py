@@ -18,7 +18,10 @@ def engine_for(url: str, pool_size: int = 5) -> Engine:
     if key not in _engines:
         _engines[key] = create_engine(
             _sqlalchemy_url(url), pool_size=pool_size, max_overflow=2, pool_pre_ping=True,
-            connect_args={"application_name": "farmiq-edge"})
+            # Error messages and logs never carry SQL parameters (other devices' values).
+            hide_parameters=True,
+            # A database host that does not answer is an error within seconds, not a hang.
+            connect_args={"application_name": "farmiq-edge", "connect_timeout": 5})
     return _engines[key]
 
 
