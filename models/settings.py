@@ -68,8 +68,9 @@ class Settings(BaseSettings):
     # --- Bridge robustness and broker security (issue 7 item 7, issue 12) ---
     # Bytes of received, not yet acknowledged payloads the bridge holds in memory.
     # Above it, paho's network thread stops reading the socket (TCP backpressure
-    # plus the MQTT receive window bound the rest). Keep it well under the pod limit.
-    bridge_inbox_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024, le=1024 ** 3)
+    # plus the MQTT receive window bound the rest). Peak RSS is about
+    # baseline (~70 MiB) + this + 4 x the largest payload (~14 MB for a 10 MiB frame).
+    bridge_inbox_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024, le=1024 ** 3)
     # MQTT keepalive (s): also the bound on how stale the liveness heartbeat's
     # view of the network thread may be (see workers/bridge.py).
     mqtt_keepalive_seconds: int = Field(default=30, ge=5, le=600)

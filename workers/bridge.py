@@ -39,6 +39,7 @@ Robustness (issue 7 item 7):
   MQTT 3.1.1 or 5).
 """
 
+import ctypes
 import logging
 import queue
 import signal
@@ -73,6 +74,7 @@ log = logging.getLogger("farmiq_edge.bridge")
 # Everything under our prefix: a device publishing to a malformed topic is
 # dead-lettered (bad_topic), not silently ignored.
 TOPIC_FILTER = "farmiq/#"
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 HEARTBEAT_EVERY_SECONDS = 1.0
 MIN_DB_BACKOFF_SECONDS = 0.1
 MAX_DB_BACKOFF_SECONDS = 1.0
@@ -344,6 +346,7 @@ def run_bridge(settings: Settings) -> int:
     from prometheus_client import start_http_server
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
+    _large_buffers_back_to_the_os()
     bridge = Bridge(settings)
     tune_gc()  # throughput: see actors/gc_tuning.py
     signal.signal(signal.SIGTERM, bridge.stop)
@@ -352,6 +355,18 @@ def run_bridge(settings: Settings) -> int:
              settings.mqtt_protocol, settings.mqtt_client_id)
     bridge.run()
     return 0
+
+
+def _large_buffers_back_to_the_os() -> None:
+    # glibc raises its mmap threshold after freeing a big block, so later
+    # 14 MB frames come from the heap and stay in RSS after they are freed.
+    # A fixed 1 MiB threshold keeps payload buffers in mmaps, returned on free:
+    # the inbox byte bound then bounds RSS too.
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc
+    libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
 
 
 def _redact(url: str) -> str:
