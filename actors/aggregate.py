@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 import dramatiq
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from actors.metrics import AGG_BUCKETS_WRITTEN, AGG_FAILURES, AGG_LAG
 from models.ids import new_id
@@ -37,7 +36,7 @@ from models.messages import METRIC_VALUE_BOUND
 from models.outbox_events import outbox_row
 from models.settings import get_settings
 from models.tables import sync_outbox, telemetry_agg, telemetry_agg_failed
-from schema.db import transaction
+from schema.db import DB_ERRORS, db_error_class, is_connection_error, transaction
 
 T = TypeVar("T")
 
@@ -122,7 +121,7 @@ def merge_pending(conn: Connection, page: int = PENDING_PAGE) -> int:
               "farm_id": new.farm_id, "barn_id": new.barn_id,
               "needs_sync": True, "updated_at": func.now()})
     for row, exc in write_isolated(conn, lambda page_rows: conn.execute(upsert, page_rows), rows):
-        failures.append(_failure("merge", row, "write_failed", _error_class(exc)))
+        failures.append(_failure("merge", row, "write_failed", db_error_class(exc)))
     _set_aside(conn, failures)
     failed_buckets = {(f["window"], f["bucket_start_at"], f["device_id"], f["metric_type"])
                       for f in failures}
@@ -156,7 +155,7 @@ def close_out_buckets(conn: Connection, *, emit_events: bool, page: int = CLOSE_
                 failures.append(_failure("close_out", r._asdict(), "non_finite", "aggregate is not finite"))
         for r, exc in write_isolated(conn, lambda page_rows: conn.execute(
                 pg_insert(sync_outbox), [_aggregated_event(r) for r in page_rows]), sendable):
-            failures.append(_failure("close_out", r._asdict(), "write_failed", _error_class(exc)))
+            failures.append(_failure("close_out", r._asdict(), "write_failed", db_error_class(exc)))
     # Failed ones too: they are recorded, and must not be picked again every second.
     conn.execute(update(telemetry_agg)
                  .where(agg.id == bindparam("b_id"), agg.bucket_start_at == bindparam("b_start"))
@@ -175,28 +174,27 @@ def partial_in_bounds(n: int, total: float, lo: float, hi: float) -> bool:
 
 
 def write_isolated(conn: Connection, write: Callable[[Sequence[T]], Any],
-                   items: Sequence[T]) -> list[tuple[T, DBAPIError]]:
+                   items: Sequence[T]) -> list[tuple[T, Exception]]:
     """`write(items)` in a savepoint; if it fails on the data, each item in its own
     savepoint. Returns the items that failed alone, with their error. Connection-level
-    errors (OperationalError) are raised: they are no item's fault."""
+    errors (is_connection_error) are raised: they are no item's fault."""
     if not items:
         return []
     try:
         with conn.begin_nested():  # savepoint: the common case, one round trip
             write(items)
         return []
-    except OperationalError:
-        raise
-    except DBAPIError:
-        pass
+    except DB_ERRORS as exc:
+        if is_connection_error(exc):
+            raise
     failed = []
     for item in items:
         try:
             with conn.begin_nested():
                 write([item])
-        except OperationalError:
-            raise
-        except DBAPIError as exc:
+        except DB_ERRORS as exc:
+            if is_connection_error(exc):
+                raise
             failed.append((item, exc))
     return failed
 
@@ -225,12 +223,6 @@ def _set_aside(conn: Connection, failures: list[dict[str, Any]]) -> None:
         conn.execute(insert(telemetry_agg_failed), failures)
     for f in failures:
         AGG_FAILURES.labels(f["stage"], f["reason"]).inc()
-
-
-def _error_class(exc: DBAPIError) -> str:
-    # The class and SQLSTATE only: a message can quote values.
-    orig = exc.orig
-    return f"{type(orig).__name__} {getattr(orig, 'pgcode', None) or ''}".strip()
 
 
 def bucket_start(minute: datetime, window: str) -> datetime:

@@ -51,6 +51,7 @@ REJECT_REASONS = (
     "too_large",
     "bad_image",
     "session_conflict",
+    "processing_failed",  # valid, but applying it failed on its data (actors/ingest.py)
 )
 
 TOPIC_PREFIX = ("farmiq", "v1")

@@ -54,9 +54,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-import psycopg2
 from sqlalchemy import insert
-from sqlalchemy.exc import DBAPIError
 
 from actors.ingest import ingest_batch
 from actors.broker import broker
@@ -67,7 +65,7 @@ from models.dead_letters import dead_letter_row
 from models.messages import Rejected, parse_message
 from models.settings import Settings
 from models.tables import ingress_dead_letters
-from schema.db import raw_cursor, transaction
+from schema.db import DB_ERRORS, db_error_class, raw_cursor, transaction
 
 log = logging.getLogger("farmiq_edge.bridge")
 
@@ -79,9 +77,6 @@ HEARTBEAT_EVERY_SECONDS = 1.0
 MIN_DB_BACKOFF_SECONDS = 0.1
 MAX_DB_BACKOFF_SECONDS = 1.0
 DB_ERROR_LOG_EVERY_SECONDS = 10.0
-# Database errors retried by the bridge: all of them. A message is never acked
-# before its commit, so retrying is always safe; the backoff keeps it from spinning.
-DB_ERRORS = (DBAPIError, psycopg2.Error)
 
 
 @dataclass(frozen=True)
@@ -281,17 +276,17 @@ class Bridge:
                     log.info("event=db_available outage_seconds=%.1f", time.monotonic() - failing_since)
                 return True
             except DB_ERRORS as exc:
-                # Nothing was acked: keep the batch in hand and try again. Alive
+                # Every database error class is retried: nothing is acked before
+                # its commit, so retrying is always safe; the backoff keeps it
+                # from spinning. Nothing was acked: keep the batch in hand and try again. Alive
                 # (heartbeat) but not making progress; the log says why, with
                 # the error class only (messages can quote values).
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - last_log >= DB_ERROR_LOG_EVERY_SECONDS:
                     last_log = now
-                    orig = getattr(exc, "orig", None) or exc
-                    log.warning("event=db_unavailable error=%s pgcode=%s messages=%d failing_for=%.0fs",
-                                type(orig).__name__, getattr(orig, "pgcode", None),
-                                len(batch.deliveries), now - failing_since)
+                    log.warning("event=db_unavailable error=%r messages=%d failing_for=%.0fs",
+                                db_error_class(exc), len(batch.deliveries), now - failing_since)
                 self._beat()
                 if self.stopping.wait(backoff):
                     return False  # never acked: the broker redelivers next session

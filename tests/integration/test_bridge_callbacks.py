@@ -8,6 +8,7 @@
   committed, never for the old one (MQTT 3.1.1 here; the check is the same for 5).
 """
 
+import queue
 import threading
 import uuid
 from collections.abc import Iterator
@@ -114,3 +115,37 @@ def test_ack_never_crosses_a_reconnect_to_a_reused_packet_id(db_url, fake_broker
     assert new in seen_at_ack, "PUBACK 1 on the new connection was sent for the old message"
     wait_until(lambda: scalar(db_url, QUEUED_EVENT_IDS) == 2, 30, "both messages committed")
     assert second.pubacks.empty()
+
+
+FAIL_ENQUEUE = """
+    CREATE TABLE test_fail_with (errcode text);
+    CREATE FUNCTION test_fail_enqueue() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE code text;
+    BEGIN
+        SELECT errcode INTO code FROM test_fail_with;
+        IF code IS NOT NULL THEN RAISE EXCEPTION 'failing on purpose' USING ERRCODE = code; END IF;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER fail_enqueue BEFORE INSERT ON dramatiq.queue
+        FOR EACH ROW EXECUTE FUNCTION test_fail_enqueue();
+"""
+
+
+@pytest.mark.parametrize("errcode", ["disk_full", "query_canceled", "internal_error"])
+def test_every_database_error_is_retried_without_ack_then_flows(db_url, fake_broker, run_bridge, errcode):
+    # Raised inside the enqueue, through psycopg2's own cursor: not wrapped by SQLAlchemy.
+    with psycopg2.connect(db_url) as pg, pg.cursor() as cur:
+        cur.execute(FAIL_ENQUEUE)
+        cur.execute("INSERT INTO test_fail_with VALUES (%s)", (errcode,))
+    pg.close()
+    bridge = run_bridge()
+    conn = fake_broker.accept()
+    conn.publish(1, topic("telemetry").encode(), telemetry(1.0))
+    with pytest.raises(queue.Empty):
+        conn.pubacks.get(timeout=3)  # failing: no ack, and the bridge retries (does not die)
+    assert bridge.client._thread.is_alive()
+    with psycopg2.connect(db_url) as pg, pg.cursor() as cur:
+        cur.execute("DELETE FROM test_fail_with")
+    pg.close()
+    assert conn.pubacks.get(timeout=30) == 1
+    assert scalar(db_url, QUEUED_EVENT_IDS) == 1

@@ -16,6 +16,8 @@ from uuid import UUID
 
 from PIL import Image
 
+from models.messages import media_payload_limit
+
 DEFAULT_MEDIA_MAX_BYTES = 10 * 1024 * 1024
 TENANT, FARM, BARN, DEVICE = "tenant-a", "farm-1", "barn-1", "device-1"
 
@@ -27,8 +29,9 @@ Reading = tuple[str, float, str] | Mapping[str, Any]
 
 
 def default_max_payload_bytes(media_max_bytes: int) -> int:
-    # Same rule as `Settings.max_payload_bytes`: base64 plus envelope room.
-    return media_max_bytes * 4 // 3 + 64 * 1024
+    # The media limit (base64 plus envelope room); tests that are not about
+    # sizes use it for every kind.
+    return media_payload_limit(media_max_bytes)
 
 
 def topic(
