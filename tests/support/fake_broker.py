@@ -10,14 +10,11 @@ import queue
 import socket
 import threading
 
+from workers.bench_mqtt import _varint
+
 
 def _packet(first: int, body: bytes) -> bytes:
-    length, encoded = len(body), bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes([first]) + bytes(encoded) + body
+    return bytes([first]) + _varint(len(body)) + body
 
 
 class Connection:

@@ -243,6 +243,16 @@ def test_payload_cannot_name_topic_fields(field: str) -> None:
     assert reason_of(topic("telemetry"), telemetry(**{field: "x"})) == "schema"
 
 
+@pytest.mark.parametrize("field", ["tenant_id", "farm_id", "barn_id", "device_id", "kind", "raw_b64"])
+@pytest.mark.parametrize("kind", ["session", "media"])
+def test_topic_ids_are_authoritative_for_every_kind(kind: str, field: str) -> None:
+    payload = (session_payload(EVENT_ID, AT, SESSION_ID, "start", extra={field: "tenant-b"}) if kind == "session"
+               else media_payload(EVENT_ID, AT, jpeg_bytes(), extra={field: "tenant-b"}))
+    assert reason_of(topic(kind), payload) == "schema"
+    event = parse(topic(kind), payload.replace(b', "%s": "tenant-b"' % field.encode(), b""))
+    assert event.tenant_id == corpus.TENANT  # type: ignore[attr-defined]
+
+
 def test_trace_id_bounds() -> None:
     assert isinstance(parse(topic("telemetry"), telemetry(trace_id="t" * 64)), TelemetryEvent)
     assert reason_of(topic("telemetry"), telemetry(trace_id="t" * 65)) == "schema"
