@@ -262,3 +262,52 @@ def count_messages(mqtt_url: str, protocol: str, expected: int, timeout: float, 
     client.disconnect()
     client.loop_stop()
     results.put(("bare", state))
+
+
+# --- a bridge's persistent session, without the bridge (durability measurements) ---
+
+BRIDGE_SESSION = "durability-bridge"
+
+
+def create_session(url: str) -> None:
+    """The bridge's persistent session: subscribed, then gone (the broker queues for it)."""
+    client = _client(url)
+    client.subscribe("farmiq/#", qos=1)
+    time.sleep(0.3)
+    client.disconnect()
+    client.loop_stop()
+
+
+def drain_session(url: str, quiet: float = 3.0) -> set[int]:
+    """Reconnect as the bridge; the sequence numbers the broker still had."""
+    seen: set[int] = set()
+    last = [time.monotonic()]
+
+    def on_message(client, userdata, message) -> None:
+        seen.add(int(message.payload[7:-1]))
+        last[0] = time.monotonic()
+
+    client = _client(url, on_message)
+    while time.monotonic() - last[0] < quiet:
+        time.sleep(0.2)
+    client.disconnect()
+    client.loop_stop()
+    return seen
+
+
+def _client(url: str, on_message=None):  # noqa: ANN202 - a paho client
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = url.removeprefix("mqtt://").split(":")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=BRIDGE_SESSION, clean_session=False,
+                         protocol=mqtt.MQTTv311)
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    if on_message is not None:
+        client.on_message = on_message
+    client.connect(host, int(port))
+    client.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError("could not connect")
+    return client

@@ -20,7 +20,7 @@ Robustness (issue 7 item 7):
   (a new connection) and the broker would send it all again. While held, the
   callback sends a PINGREQ every keepalive/2 and flushes paho's outgoing
   queue itself, so the broker does not drop the session and PUBACKs of
-  committed batches still leave. If the session is dropped anyway, nothing is
+  committed batches still leave. If the connection is dropped anyway, nothing is
   lost: un-acked messages are redelivered and ingress_dedupe drops copies.
 - Liveness: the heartbeat file is touched only while paho's network thread
   is alive, connected, and has read from the broker (at least a PINGRESP)
@@ -40,6 +40,7 @@ Robustness (issue 7 item 7):
 """
 
 import ctypes
+import faulthandler
 import logging
 import queue
 import signal
@@ -161,21 +162,30 @@ class Bridge:
             log.exception("event=mqtt_callback_failed mid=%s", getattr(message, "mid", None))
 
     def _hold_while_full(self, client: mqtt.Client) -> None:
-        """Backpressure: do not return to paho while the inbox is over its byte bound."""
+        """Backpressure: do not return to paho while the inbox is over its byte bound.
+
+        paho cannot run its keepalive or flush its outgoing queue while we hold
+        its thread, so this loop does both: a PINGREQ every keepalive/2 and the
+        queued PUBACKs of committed batches. It writes with paho's
+        `_packet_write` (2.x), not `loop_write`: on an error that one calls
+        on_disconnect, which would wait for the callback lock we are holding.
+        On a write error we return, and paho sees the lost connection.
+        """
         s = self.settings
         ping_every = s.mqtt_keepalive_seconds / 2
         last_ping = time.monotonic()
         with self._held:
-            while self.inbox_bytes > s.bridge_inbox_max_bytes and not self.stopping.is_set():
+            while self.inbox_bytes > s.bridge_inbox_max_bytes:
                 self._held_tick = time.monotonic()
                 self._held.wait(0.5)
+                # Checked under the lock `run` takes to disconnect: never write a
+                # DISCONNECT from here (paho would call on_disconnect in our callback).
+                if self.stopping.is_set():
+                    break
                 if time.monotonic() - last_ping >= ping_every:
                     last_ping = time.monotonic()
-                    # paho cannot run its keepalive while we hold its thread:
-                    # ping ourselves so the broker keeps the connection.
-                    client._send_pingreq()  # paho 2.x; writes nothing until loop_write
-                # PUBACKs of committed batches (and the PINGREQ) go out now.
-                if client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+                    client._send_pingreq()  # paho 2.x: queued only, written below
+                if client._packet_write() not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
                     break  # connection lost: let paho see it and reconnect
             self._held_tick = 0.0
 
@@ -233,7 +243,7 @@ class Bridge:
         # inbox was never acked, so the broker keeps it for the next session.
         with self._held:
             self._held.notify_all()  # a held network thread sees `stopping` and returns
-        self.client.disconnect()
+            self.client.disconnect()  # under the lock: see _hold_while_full
         self.client.loop_stop()
         log.info("event=bridge_stopped")
 
@@ -344,6 +354,7 @@ def run_bridge(settings: Settings) -> int:
     _large_buffers_back_to_the_os()
     bridge = Bridge(settings)
     tune_gc()  # throughput: see actors/gc_tuning.py
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` writes every thread's stack to stderr
     signal.signal(signal.SIGTERM, bridge.stop)
     signal.signal(signal.SIGINT, bridge.stop)
     log.info("event=bridge_starting mqtt=%s protocol=%s client_id=%s", _redact(settings.mqtt_url),

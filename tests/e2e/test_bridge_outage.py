@@ -170,3 +170,32 @@ def test_inbox_bytes_bounded_with_10mib_frames_behind_a_stopped_database(private
                            "AND payload_size_bytes = %s", (len(payloads[0][1]),)) == frames
     finally:
         p.stop_all()
+
+
+def test_held_network_thread_keeps_the_session_past_the_keepalive(private_pg, mqtt_broker, tmp_path):
+    """Backpressure holds paho's thread far longer than the broker's keepalive
+    timeout (1.5 x 5 s): the bridge pings from the held callback, so the broker
+    keeps the connection, and everything arrives once the database is back."""
+    url = private_pg["service"].url
+    p = Pipeline(url, mqtt_broker.url, tmp_path, EDGE_BRIDGE_INBOX_MAX_BYTES=str(1024 * 1024),
+                 EDGE_MQTT_KEEPALIVE_SECONDS="5")
+    try:
+        bridge = p.bridge()
+        private_pg["service"].stop()
+        now = datetime.now(timezone.utc)
+        frames = [(topic("media"), media_payload(uuid.uuid4(), now, b"", image_b64="A" * 600_000))
+                  for _ in range(8)]
+        publish_all(mqtt_broker.url, frames)
+        time.sleep(20)  # held: the inbox is over 1 MiB and nothing can commit
+        private_pg["service"] = private_pg["restart"]()
+        # Distinct frames (by their first bytes, which hold the event id): a frame
+        # redelivered after a reconnect is dead-lettered again.
+        wait_until(lambda: scalar(url, "SELECT count(DISTINCT substring(payload FROM 1 FOR 64)) "
+                                       "FROM ingress_dead_letters") == len(frames), 120,
+                   "every frame dead-lettered")
+        log = bridge.log()
+        assert "event=mqtt_disconnected" not in log, log[-2000:]
+        assert log.count("event=mqtt_connected") == 1
+        assert bridge.alive()
+    finally:
+        p.stop_all()

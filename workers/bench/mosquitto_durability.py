@@ -20,24 +20,19 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import socket
 import struct
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import psutil
-from paho.mqtt.enums import CallbackAPIVersion
 
-from workers.bench_mqtt import RawPublisher, _utf8, _varint
+from workers.bench_mqtt import RawPublisher, _utf8, _varint, create_session, drain_session
 from workers.embedded import start_mosquitto
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
-SESSION = "durability-bridge"
 TOPIC = "farmiq/v1/t/f/b/d/telemetry"
 
 # name -> settings over deploy/mosquitto/mosquitto.conf
@@ -60,47 +55,6 @@ def publish_packets(first_seq: int, n: int) -> list[bytes]:
         body = topic + struct.pack("!H", seq % 65535 + 1) + payload
         out.append(b"\x32" + _varint(len(body)) + body)
     return out
-
-
-def create_session(url: str) -> None:
-    """The bridge's persistent session: subscribed, then gone (the broker queues for it)."""
-    client = _client(url)
-    client.subscribe("farmiq/#", qos=1)
-    time.sleep(0.3)
-    client.disconnect()
-    client.loop_stop()
-
-
-def drain_session(url: str, quiet: float = 3.0) -> set[int]:
-    """Reconnect as the bridge; the sequence numbers the broker still had."""
-    seen: set[int] = set()
-    last = [time.monotonic()]
-
-    def on_message(client, userdata, message) -> None:
-        seen.add(int(message.payload[7:-1]))
-        last[0] = time.monotonic()
-
-    client = _client(url, on_message)
-    while time.monotonic() - last[0] < quiet:
-        time.sleep(0.2)
-    client.disconnect()
-    client.loop_stop()
-    return seen
-
-
-def _client(url: str, on_message=None) -> mqtt.Client:
-    host, port = url.removeprefix("mqtt://").split(":")
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=SESSION, clean_session=False,
-                         protocol=mqtt.MQTTv311)
-    connected = threading.Event()
-    client.on_connect = lambda *a: connected.set()
-    if on_message is not None:
-        client.on_message = on_message
-    client.connect(host, int(port))
-    client.loop_start()
-    if not connected.wait(10):
-        raise RuntimeError("could not connect")
-    return client
 
 
 @dataclass
