@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
+
+import actors.log_hygiene  # noqa: F401 - no payloads or SQL values in dramatiq's logs
 from dramatiq.message import Message
 from pydantic import ValidationError
 from sqlalchemy import Connection, func, insert, select, text, update
