@@ -199,3 +199,25 @@ def test_held_network_thread_keeps_the_session_past_the_keepalive(private_pg, mq
         assert bridge.alive()
     finally:
         p.stop_all()
+
+
+def test_nothing_is_acked_while_the_database_is_down(private_pg, mqtt_broker, tmp_path):
+    """Kill -9 the bridge in the middle of the outage: had it acked anything it had
+    not committed, the broker would have forgotten it and a new bridge could not get it."""
+    url = private_pg["service"].url
+    p = Pipeline(url, mqtt_broker.url, tmp_path)
+    try:
+        first = p.bridge("bridge-1")
+        private_pg["service"].stop()
+        now = datetime.now(timezone.utc)
+        n = 300
+        publish_all(mqtt_broker.url, [
+            (topic("telemetry"), telemetry_payload(uuid.uuid4(), now, [("seq", float(i), "n")])) for i in range(n)])
+        wait_until(lambda: "event=db_unavailable" in first.log(), 30, "the bridge to hit the outage")
+        time.sleep(3)
+        first.kill9()
+        private_pg["service"] = private_pg["restart"]()
+        p.bridge("bridge-2")  # same client id: the persistent session
+        wait_until(lambda: scalar(url, QUEUED_EVENT_IDS) == n, 60, f"all {n} events enqueued")
+    finally:
+        p.stop_all()

@@ -25,6 +25,7 @@ from models.messages import (
     parse_message,
     parse_topic,
 )
+from models.settings import Settings
 from tests.support import corpus
 from tests.support.corpus import (
     EVENT_ID,
@@ -145,8 +146,10 @@ def test_invalid_corpus_covers_every_ingress_reason() -> None:
 
 def test_invalid_corpus_default_limits_match_settings_rule() -> None:
     cases = invalid_cases(NOW)
-    limits = {"media_max_bytes": corpus.DEFAULT_MEDIA_MAX_BYTES}
-    limits["max_payload_bytes"] = corpus.default_max_payload_bytes(corpus.DEFAULT_MEDIA_MAX_BYTES)
+    defaults = Settings()
+    assert (corpus.DEFAULT_MEDIA_MAX_BYTES, corpus.DEFAULT_MAX_PAYLOAD_BYTES) == (
+        defaults.media_max_bytes, defaults.max_payload_bytes)
+    limits = {"media_max_bytes": defaults.media_max_bytes, "max_payload_bytes": defaults.max_payload_bytes}
     for topic_, payload, expected in cases[-2:]:
         assert reason_of(topic_, payload, **limits) == expected == "too_large"
 
