@@ -117,6 +117,17 @@ def connect_packet(client_id: str) -> bytes:
     return b"\x10" + _varint(len(body)) + body
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from `sock`; ConnectionError if the peer closes first."""
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise ConnectionError("MQTT peer closed the connection")
+        data += more
+    return data
+
+
 class RawPublisher:
     """One MQTT 3.1.1 connection that writes pre-encoded QoS 1 PUBLISH packets."""
 
@@ -134,13 +145,7 @@ class RawPublisher:
         self._reader.start()
 
     def _recv_exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            more = self.sock.recv(n - len(data))
-            if not more:
-                raise ConnectionError("MQTT broker closed the connection")
-            data += more
-        return data
+        return recv_exact(self.sock, n)
 
     def _read_acks(self) -> None:
         self.sock.settimeout(None)

@@ -10,7 +10,7 @@ import queue
 import socket
 import threading
 
-from workers.bench_mqtt import _varint
+from workers.bench_mqtt import _varint, recv_exact
 
 
 def _packet(first: int, body: bytes) -> bytes:
@@ -69,13 +69,7 @@ class Connection:
         return first, self._exact(length)
 
     def _exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise OSError("closed")
-            data += chunk
-        return data
+        return recv_exact(self.sock, n)
 
 
 class FakeBroker:
