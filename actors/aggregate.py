@@ -7,42 +7,54 @@ transaction (commit point): a crash before it leaves the rows pending, after it
 they are gone and counted exactly once. Merging sums, counts, mins and maxes is
 associative, so late data and any arrival order give what a GROUP BY over
 telemetry_raw gives. Cost follows the number of touched buckets.
+
+Poison isolation: one bad item never blocks the others. A pending partial
+outside SPEC §1.2's bounds, a bucket whose write fails with a data error, or
+a closed bucket whose telemetry.aggregated event cannot be written goes to
+telemetry_agg_failed with a reason (and farmiq_edge_aggregation_failures_total);
+the page commits without it. Writes run in a savepoint per page and, only when
+that fails, one savepoint per item. Connection-level errors (OperationalError:
+database gone, disk full, query cancelled) are not the item's fault: they fail
+the run, which is retried. With |metric_value| <= 1e15 every sum of accepted
+values is finite (a bucket would need ~1e293 readings to overflow).
 """
 
 from actors.broker import broker  # noqa: F401,I001 - the broker is set before any actor
 
+import math
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
 
 import dramatiq
-from sqlalchemy import Connection, bindparam, func, select, text, update
+
+import actors.log_hygiene  # noqa: F401 - no payloads or SQL values in dramatiq's logs
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from actors.metrics import AGG_BUCKETS_WRITTEN, AGG_LAG
+from actors.metrics import AGG_BUCKETS_WRITTEN, AGG_FAILURES, AGG_LAG
 from models.ids import new_id
+from models.messages import METRIC_VALUE_BOUND
 from models.outbox_events import outbox_row
 from models.settings import get_settings
-from models.tables import sync_outbox, telemetry_agg
-from schema.db import transaction
+from models.tables import sync_outbox, telemetry_agg, telemetry_agg_failed
+from schema.db import DB_ERRORS, db_error_class, is_connection_error, transaction
+
+T = TypeVar("T")
 
 PENDING_PAGE = 5000
 CLOSE_OUT_PAGE = 2000
 MAX_PAGES_PER_RUN = 20
 WINDOWS = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 
-# Claim a page of pending partials (skipping rows another run holds) and return
-# them merged per minute bucket, with how many pending rows each one merged.
+# Claim a page of pending partials (skipping rows another run holds). They are
+# merged in Python, where each one is checked before it can poison a bucket.
 CLAIM_PENDING = text("""
-    WITH claimed AS (
-        DELETE FROM telemetry_agg_pending
-         WHERE id IN (SELECT id FROM telemetry_agg_pending
-                       ORDER BY id LIMIT :page FOR UPDATE SKIP LOCKED)
-     RETURNING tenant_id, farm_id, barn_id, device_id, metric_type, bucket_start_at,
-               count, sum_value, min_value, max_value)
-    SELECT tenant_id, farm_id, barn_id, device_id, metric_type, bucket_start_at,
-           sum(count)::bigint AS count, sum(sum_value) AS sum_value,
-           min(min_value) AS min_value, max(max_value) AS max_value, count(*) AS pending_rows
-      FROM claimed
-     GROUP BY tenant_id, farm_id, barn_id, device_id, metric_type, bucket_start_at
+    DELETE FROM telemetry_agg_pending
+     WHERE id IN (SELECT id FROM telemetry_agg_pending
+                   ORDER BY id LIMIT :page FOR UPDATE SKIP LOCKED)
+ RETURNING tenant_id, farm_id, barn_id, device_id, metric_type, bucket_start_at,
+           count, sum_value, min_value, max_value
 """)
 OLDEST_PENDING_AGE = text("""
     SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)
@@ -75,9 +87,13 @@ def merge_pending(conn: Connection, page: int = PENDING_PAGE) -> int:
     Rows, not minute buckets: the caller compares it with the page size to know
     whether more is pending (many rows of one busy minute merge into one bucket).
     """
-    minutes = conn.execute(CLAIM_PENDING, {"page": page}).all()
+    partials = conn.execute(CLAIM_PENDING, {"page": page}).all()
     buckets: dict[tuple, list] = {}
-    for m in minutes:
+    failures = []
+    for m in partials:
+        if not partial_in_bounds(m.count, m.sum_value, m.min_value, m.max_value):
+            failures.append(_failure("merge", m._asdict(), "out_of_range", "partial beyond SPEC 1.2 bounds"))
+            continue
         for window in WINDOWS:
             key = (m.tenant_id, m.device_id, m.metric_type, window, bucket_start(m.bucket_start_at, window))
             b = buckets.get(key)
@@ -89,8 +105,6 @@ def merge_pending(conn: Connection, page: int = PENDING_PAGE) -> int:
                 b[1] += m.sum_value
                 b[2] = min(b[2], m.min_value)
                 b[3] = max(b[3], m.max_value)
-    if not buckets:
-        return 0
     # Sorted: two runs updating overlapping buckets take row locks in one order.
     rows = [{"id": new_id(), "tenant_id": t, "farm_id": farm, "barn_id": barn, "device_id": d,
              "metric_type": metric, "window": w, "bucket_start_at": start,
@@ -99,7 +113,7 @@ def merge_pending(conn: Connection, page: int = PENDING_PAGE) -> int:
             for (t, d, metric, w, start), (n, s, lo, hi, farm, barn) in sorted(buckets.items())]
     stmt = pg_insert(telemetry_agg)
     old, new = telemetry_agg.c, stmt.excluded
-    conn.execute(stmt.on_conflict_do_update(
+    upsert = stmt.on_conflict_do_update(
         constraint="telemetry_agg_bucket_key",
         set_={"count": old.count + new.count,
               "sum_value": old.sum_value + new.sum_value,
@@ -107,10 +121,16 @@ def merge_pending(conn: Connection, page: int = PENDING_PAGE) -> int:
               "min_value": func.least(old.min_value, new.min_value),
               "max_value": func.greatest(old.max_value, new.max_value),
               "farm_id": new.farm_id, "barn_id": new.barn_id,
-              "needs_sync": True, "updated_at": func.now()}), rows)
-    for (_, _, _, window, _) in buckets:
-        AGG_BUCKETS_WRITTEN.labels(window).inc()
-    return sum(m.pending_rows for m in minutes)
+              "needs_sync": True, "updated_at": func.now()})
+    for row, exc in write_isolated(conn, lambda page_rows: conn.execute(upsert, page_rows), rows):
+        failures.append(_failure("merge", row, "write_failed", db_error_class(exc)))
+    _set_aside(conn, failures)
+    failed_buckets = {(f["window"], f["bucket_start_at"], f["device_id"], f["metric_type"])
+                      for f in failures}
+    for row in rows:
+        if (row["window"], row["bucket_start_at"], row["device_id"], row["metric_type"]) not in failed_buckets:
+            AGG_BUCKETS_WRITTEN.labels(row["window"]).inc()
+    return len(partials)
 
 
 def close_out_buckets(conn: Connection, *, emit_events: bool, page: int = CLOSE_OUT_PAGE) -> int:
@@ -118,7 +138,8 @@ def close_out_buckets(conn: Connection, *, emit_events: bool, page: int = CLOSE_
 
     An open bucket changes every few seconds; waiting for its end sends it once
     (and again only if late data changes it), which is the reduced sync volume
-    the design asks of aggregates.
+    the design asks of aggregates. A bucket whose event cannot be written is
+    set aside (telemetry_agg_failed) and the others are sent.
     """
     agg = telemetry_agg.c
     closed = conn.execute(
@@ -126,21 +147,84 @@ def close_out_buckets(conn: Connection, *, emit_events: bool, page: int = CLOSE_
         .order_by(agg.bucket_end_at).limit(page).with_for_update(skip_locked=True)).all()
     if not closed:
         return 0
+    failures = []
     if emit_events:
-        conn.execute(pg_insert(sync_outbox), [outbox_row(
-            "telemetry.aggregated", tenant_id=r.tenant_id, farm_id=r.farm_id, barn_id=r.barn_id,
-            device_id=r.device_id,
-            occurred_at=r.bucket_end_at,
-            payload={"window": r.window, "metric_type": r.metric_type,
-                     "bucket_start_at": r.bucket_start_at.isoformat(),
-                     "bucket_end_at": r.bucket_end_at.isoformat(), "count": r.count,
-                     "avg_value": r.avg_value, "min_value": r.min_value, "max_value": r.max_value})
-            for r in closed])
+        sendable = []
+        for r in closed:
+            if all(math.isfinite(v) for v in (r.avg_value, r.min_value, r.max_value, r.sum_value)):
+                sendable.append(r)
+            else:
+                failures.append(_failure("close_out", r._asdict(), "non_finite", "aggregate is not finite"))
+        for r, exc in write_isolated(conn, lambda page_rows: conn.execute(
+                pg_insert(sync_outbox), [_aggregated_event(r) for r in page_rows]), sendable):
+            failures.append(_failure("close_out", r._asdict(), "write_failed", db_error_class(exc)))
+    # Failed ones too: they are recorded, and must not be picked again every second.
     conn.execute(update(telemetry_agg)
                  .where(agg.id == bindparam("b_id"), agg.bucket_start_at == bindparam("b_start"))
                  .values(needs_sync=False),
                  [{"b_id": r.id, "b_start": r.bucket_start_at} for r in closed])
+    _set_aside(conn, failures)
     return len(closed)
+
+
+def partial_in_bounds(n: int, total: float, lo: float, hi: float) -> bool:
+    """A partial aggregate that accepted readings (SPEC §1.2) can produce."""
+    values = (total, lo, hi)
+    return (n >= 1 and all(math.isfinite(v) for v in values) and lo <= hi
+            and abs(lo) <= METRIC_VALUE_BOUND and abs(hi) <= METRIC_VALUE_BOUND
+            and abs(total) <= METRIC_VALUE_BOUND * n)
+
+
+def write_isolated(conn: Connection, write: Callable[[Sequence[T]], Any],
+                   items: Sequence[T]) -> list[tuple[T, Exception]]:
+    """`write(items)` in a savepoint; if it fails on the data, each item in its own
+    savepoint. Returns the items that failed alone, with their error. Connection-level
+    errors (is_connection_error) are raised: they are no item's fault."""
+    if not items:
+        return []
+    try:
+        with conn.begin_nested():  # savepoint: the common case, one round trip
+            write(items)
+        return []
+    except DB_ERRORS as exc:
+        if is_connection_error(exc):
+            raise
+    failed = []
+    for item in items:
+        try:
+            with conn.begin_nested():
+                write([item])
+        except DB_ERRORS as exc:
+            if is_connection_error(exc):
+                raise
+            failed.append((item, exc))
+    return failed
+
+
+def _aggregated_event(r: Any) -> dict[str, Any]:
+    return outbox_row(
+        "telemetry.aggregated", tenant_id=r.tenant_id, farm_id=r.farm_id, barn_id=r.barn_id,
+        device_id=r.device_id, occurred_at=r.bucket_end_at,
+        payload={"window": r.window, "metric_type": r.metric_type,
+                 "bucket_start_at": r.bucket_start_at.isoformat(),
+                 "bucket_end_at": r.bucket_end_at.isoformat(), "count": r.count,
+                 "avg_value": r.avg_value, "min_value": r.min_value, "max_value": r.max_value})
+
+
+_FAILURE_COLUMNS = ("tenant_id", "farm_id", "barn_id", "device_id", "metric_type", "bucket_start_at",
+                    "count", "sum_value", "min_value", "max_value")
+
+
+def _failure(stage: str, item: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    return {"stage": stage, "window": item.get("window"), "reason": reason, "detail": detail,
+            **{c: item[c] for c in _FAILURE_COLUMNS}}
+
+
+def _set_aside(conn: Connection, failures: list[dict[str, Any]]) -> None:
+    if failures:
+        conn.execute(insert(telemetry_agg_failed), failures)
+    for f in failures:
+        AGG_FAILURES.labels(f["stage"], f["reason"]).inc()
 
 
 def bucket_start(minute: datetime, window: str) -> datetime:

@@ -7,12 +7,16 @@ message is redelivered); after it, the dedupe rows make a redelivery a no-op.
 
 from actors.broker import broker  # noqa: I001 - the broker is set before any actor
 
+import base64
 import io
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
+
+import actors.log_hygiene  # noqa: F401 - no payloads or SQL values in dramatiq's logs
 from dramatiq.message import Message
 from pydantic import ValidationError
 from sqlalchemy import Connection, func, insert, select, text, update
@@ -29,9 +33,10 @@ from models.session_rules import SessionState, apply_session_event, session_even
 from models.settings import get_settings
 from models.tables import (ingress_dead_letters, sync_outbox, telemetry_agg_pending, telemetry_raw,
                            weight_sessions)
-from schema.db import raw_cursor, transaction
+from schema.db import DB_ERRORS, db_error_class, is_connection_error, raw_cursor, transaction
 
 MEDIA_QUEUE, MEDIA_ACTOR = "media", "store_media"
+log = logging.getLogger("farmiq_edge.ingest")
 
 # Hot-path bulk writes (ARCHITECTURE: "execute_values / COPY"). With SQLAlchemy
 # insertmanyvalues, building and parsing 1,000-row INSERTs of telemetry_raw cost
@@ -67,15 +72,46 @@ def ingest_batch(events: list[dict[str, Any]]) -> None:
     except ValidationError as exc:
         raise PermanentError(f"batch fails validation ({exc.error_count()} errors)") from None
     settings = get_settings()
-    with transaction(settings.database_url) as conn:
-        result = ingest_events(conn, parsed, sync_telemetry=settings.sync_telemetry)
-        crash_point("ingest.before_commit")
+    result = ingest_isolated(settings.database_url, parsed, sync_telemetry=settings.sync_telemetry)
     for kind, n in result.accepted.items():
         INGRESS_ACCEPTED.labels(kind).inc(n)
     for kind, n in result.duplicates.items():
         INGRESS_DUPLICATES.labels(kind).inc(n)
     for reason, n in result.rejected.items():
         INGRESS_REJECTED.labels(reason).inc(n)
+
+
+def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> IngestResult:
+    """Apply `events` in one transaction (commit point); if it fails on the data,
+    bisect: each half in its own transaction, down to the one event that fails,
+    which is dead-lettered (processing_failed) while the rest commits.
+
+    Redelivered halves are harmless: a committed half's dedupe keys make it a
+    no-op. Connection-level errors (is_connection_error) fail the message, which
+    dramatiq retries: they are no event's fault.
+    """
+    try:
+        with transaction(database_url) as conn:
+            result = ingest_events(conn, events, sync_telemetry=sync_telemetry)
+            crash_point("ingest.before_commit")
+        return result
+    except DB_ERRORS as exc:
+        if is_connection_error(exc):
+            raise
+        if len(events) > 1:
+            half = len(events) // 2
+            first = ingest_isolated(database_url, events[:half], sync_telemetry=sync_telemetry)
+            second = ingest_isolated(database_url, events[half:], sync_telemetry=sync_telemetry)
+            return IngestResult(*(a + b for a, b in zip(
+                (first.accepted, first.duplicates, first.rejected),
+                (second.accepted, second.duplicates, second.rejected))))
+        (e,) = events
+        with transaction(database_url) as conn:
+            conn.execute(insert(ingress_dead_letters), dead_letter_row(
+                _topic(e), _received_bytes(e), "processing_failed", db_error_class(exc)))
+        log.warning("event=ingest_event_failed event_id=%s kind=%s error=%r", e.event_id, e.kind,
+                    db_error_class(exc))
+        return IngestResult(Counter(), Counter(), Counter({"processing_failed": 1}))
 
 
 def ingest_events(conn: Connection, events: list, *, sync_telemetry: str) -> IngestResult:
@@ -155,7 +191,7 @@ def _apply_sessions(conn: Connection, events: list[SessionEvent]) -> list[str]:
         applied = _apply_session_event(conn, e)
         if applied is None:
             conn.execute(insert(ingress_dead_letters), dead_letter_row(
-                _topic(e), e.model_dump_json().encode(), "session_conflict",
+                _topic(e), _received_bytes(e), "session_conflict",
                 "session_id belongs to another tenant/farm/barn/device"))
             rejected.append("session_conflict")
             continue
@@ -223,6 +259,13 @@ def _state_of(row: Any) -> SessionState:
     return SessionState(status=row.status, start_at=row.start_at, end_at=row.end_at,
                         initial_weight_kg=row.initial_weight_kg, final_weight_kg=row.final_weight_kg,
                         batch_id=row.batch_id, ended_by=ended_by)
+
+
+def _received_bytes(e: Any) -> bytes:
+    """The payload as the device sent it: sessions carry it (raw_b64); other kinds,
+    and sessions queued before raw_b64 existed, only have the normalized event."""
+    raw_b64 = getattr(e, "raw_b64", None)
+    return base64.b64decode(raw_b64) if raw_b64 else e.model_dump_json().encode()
 
 
 def _topic(e: Any) -> str:

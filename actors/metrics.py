@@ -22,3 +22,6 @@ AGG_BUCKETS_WRITTEN = Counter("farmiq_edge_aggregation_buckets_written_total",
 AGG_LAG = Gauge("farmiq_edge_aggregation_lag_seconds",
                 "Age of the oldest telemetry_agg_pending row after the last aggregation run.",
                 multiprocess_mode="max")
+AGG_FAILURES = Counter("farmiq_edge_aggregation_failures_total",
+                       "Aggregates set aside in telemetry_agg_failed (the rest flowed on).",
+                       ["stage", "reason"])

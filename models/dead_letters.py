@@ -8,5 +8,8 @@ MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
 
 
 def dead_letter_row(topic: str, payload: bytes, reason: str, detail: str) -> dict[str, Any]:
-    return {"id": new_id(), "topic": topic[:1024], "payload": payload[:MAX_DEAD_LETTER_PAYLOAD],
+    """`payload` is the bytes as received: the first 64 KiB are kept, the full length recorded."""
+    # PostgreSQL text cannot hold NUL; the topic is stored lossily anyway when it is not UTF-8.
+    return {"id": new_id(), "topic": topic[:1024].replace("\x00", "\\x00"),
+            "payload": payload[:MAX_DEAD_LETTER_PAYLOAD], "payload_size_bytes": len(payload),
             "reason": reason, "detail": detail[:1000]}

@@ -51,6 +51,7 @@ REJECT_REASONS = (
     "too_large",
     "bad_image",
     "session_conflict",
+    "processing_failed",  # valid, but applying it failed on its data (actors/ingest.py)
 )
 
 TOPIC_PREFIX = ("farmiq", "v1")
@@ -155,8 +156,11 @@ Timestamp = Annotated[AwareDatetime, WrapValidator(_timestamp)]
 # Control characters would end up in one-line logs.
 TraceId = Annotated[str, Field(max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")]
 MetricToken = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.%/-]{1,32}$")]
+# SPEC §1.2: |metric_value| <= 1e15, so sums of accepted values never overflow.
+METRIC_VALUE_BOUND = 1e15
 # strict: a JSON string "1.5" is not a number.
-FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+MetricValue = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-METRIC_VALUE_BOUND,
+                                     le=METRIC_VALUE_BOUND)]
 WeightKg = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1000)]
 MimeType = Literal["image/jpeg", "image/png"]
 SessionAction = Literal["start", "finalize", "cancel"]
@@ -168,7 +172,7 @@ class Reading(BaseModel):
     model_config = _CONFIG
 
     metric_type: MetricToken
-    metric_value: FiniteFloat
+    metric_value: MetricValue
     unit: MetricToken
 
 
@@ -279,6 +283,9 @@ class SessionEvent(_Event):
     action: SessionAction
     batch_id: Id | None = None
     weight_kg: WeightKg | None = None
+    # The payload as received, base64: the ingest actor dead-letters a
+    # session_conflict with these exact bytes (SPEC §1.5). Sessions are small.
+    raw_b64: str | None = None
 
 
 class MediaEvent(_Event):
@@ -367,6 +374,11 @@ def _rejection(exc: ValidationError) -> Rejected:
     return Rejected(reason, _printable(detail, _DETAIL_MAX))
 
 
+def media_payload_limit(media_max_bytes: int) -> int:
+    """Largest media payload: a frame of `media_max_bytes` in base64, plus 64 KiB of envelope."""
+    return 4 * -(-media_max_bytes // 3) + 64 * 1024
+
+
 def parse_message(
     topic: str,
     payload: bytes,
@@ -376,12 +388,18 @@ def parse_message(
     media_max_bytes: int,
     max_payload_bytes: int,
 ) -> IngressEvent:
-    """Validate one MQTT message; raise `Rejected` (and only that) on any bad input."""
+    """Validate one MQTT message; raise `Rejected` (and only that) on any bad input.
+
+    `max_payload_bytes` bounds telemetry and session payloads; media payloads
+    are bounded by `media_payload_limit(media_max_bytes)` (SPEC §1.1). Both
+    are checked before any JSON parsing; the kind comes from the topic.
+    """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    if len(payload) > max_payload_bytes:
-        raise Rejected("too_large", f"payload is {len(payload)} bytes, limit {max_payload_bytes}")
     ids = parse_topic(topic)
+    limit = media_payload_limit(media_max_bytes) if ids.kind == "media" else max_payload_bytes
+    if len(payload) > limit:
+        raise Rejected("too_large", f"{ids.kind} payload is {len(payload)} bytes, limit {limit}")
     model, build = _BY_KIND[ids.kind]
     context = {"now": now, "max_clock_skew": max_clock_skew, "media_max_bytes": media_max_bytes}
     try:
@@ -389,4 +407,6 @@ def parse_message(
     except ValidationError as exc:
         raise _rejection(exc) from None
     event: IngressEvent = build(ids, validated)
+    if ids.kind == "session":
+        event = event.model_copy(update={"raw_b64": base64.b64encode(payload).decode("ascii")})
     return event

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # An ISO 8601 duration, e.g. PT24H.
     max_clock_skew: timedelta = Field(default=timedelta(hours=24), gt=timedelta(0), le=timedelta(days=7))
     media_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
+    # Telemetry and session payloads (media: base64 of media_max_bytes + 64 KiB).
+    max_payload_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     # Bridge: MQTT session and micro-batching.
     mqtt_client_id: str = Field(default="farmiq-edge-bridge", min_length=1, max_length=64)
@@ -63,10 +65,17 @@ class Settings(BaseSettings):
     worker_shutdown_seconds: int = Field(default=30, ge=1, le=600)
     metrics_port: int = Field(default=9191, ge=0, le=65_535)
 
-    @property
-    def max_payload_bytes(self) -> int:
-        # base64 inflates by 4/3; leave room for the JSON envelope around it.
-        return self.media_max_bytes * 4 // 3 + 64 * 1024
+    # --- Bridge robustness and broker security (issue 7 item 7, issue 12) ---
+    # Bytes of received, not yet acknowledged payloads the bridge holds in memory.
+    # Above it, paho's network thread stops reading the socket (TCP backpressure
+    # plus the MQTT receive window bound the rest). Peak RSS is about
+    # baseline (~70 MiB) + this + 4 x the largest payload (~14 MB for a 10 MiB frame).
+    bridge_inbox_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024, le=1024 ** 3)
+    # MQTT keepalive (s): also the bound on how stale the liveness heartbeat's
+    # view of the network thread may be (see workers/bridge.py).
+    mqtt_keepalive_seconds: int = Field(default=30, ge=5, le=600)
+    # CA bundle for mqtts:// (empty: the system trust store).
+    mqtt_ca_file: str = ""
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -60,6 +60,23 @@ telemetry_agg_pending = Table(
     Column("created_at", _tz(), nullable=False),
 )
 
+telemetry_agg_failed = Table(
+    "telemetry_agg_failed", metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("stage", Text, nullable=False),
+    *_ids(),
+    Column("metric_type", Text, nullable=False),
+    Column("window", Text),
+    Column("bucket_start_at", _tz(), nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("sum_value", Float, nullable=False),
+    Column("min_value", Float, nullable=False),
+    Column("max_value", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("failed_at", _tz(), nullable=False),
+)
+
 weight_sessions = Table(
     "weight_sessions", metadata,
     Column("id", UUID(as_uuid=True), primary_key=True),
@@ -137,6 +154,7 @@ ingress_dead_letters = Table(
     Column("id", UUID(as_uuid=True), primary_key=True),
     Column("topic", Text, nullable=False),
     Column("payload", LargeBinary, nullable=False),
+    Column("payload_size_bytes", BigInteger),
     Column("reason", Text, nullable=False),
     Column("detail", Text, nullable=False),
     Column("received_at", _tz(), nullable=False),

@@ -117,6 +117,17 @@ def connect_packet(client_id: str) -> bytes:
     return b"\x10" + _varint(len(body)) + body
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from `sock`; ConnectionError if the peer closes first."""
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise ConnectionError("MQTT peer closed the connection")
+        data += more
+    return data
+
+
 class RawPublisher:
     """One MQTT 3.1.1 connection that writes pre-encoded QoS 1 PUBLISH packets."""
 
@@ -134,13 +145,7 @@ class RawPublisher:
         self._reader.start()
 
     def _recv_exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            more = self.sock.recv(n - len(data))
-            if not more:
-                raise ConnectionError("MQTT broker closed the connection")
-            data += more
-        return data
+        return recv_exact(self.sock, n)
 
     def _read_acks(self) -> None:
         self.sock.settimeout(None)
@@ -262,3 +267,52 @@ def count_messages(mqtt_url: str, protocol: str, expected: int, timeout: float, 
     client.disconnect()
     client.loop_stop()
     results.put(("bare", state))
+
+
+# --- a bridge's persistent session, without the bridge (durability measurements) ---
+
+BRIDGE_SESSION = "durability-bridge"
+
+
+def create_session(url: str) -> None:
+    """The bridge's persistent session: subscribed, then gone (the broker queues for it)."""
+    client = _client(url)
+    client.subscribe("farmiq/#", qos=1)
+    time.sleep(0.3)
+    client.disconnect()
+    client.loop_stop()
+
+
+def drain_session(url: str, quiet: float = 3.0) -> set[int]:
+    """Reconnect as the bridge; the sequence numbers the broker still had."""
+    seen: set[int] = set()
+    last = [time.monotonic()]
+
+    def on_message(client, userdata, message) -> None:
+        seen.add(int(message.payload[7:-1]))
+        last[0] = time.monotonic()
+
+    client = _client(url, on_message)
+    while time.monotonic() - last[0] < quiet:
+        time.sleep(0.2)
+    client.disconnect()
+    client.loop_stop()
+    return seen
+
+
+def _client(url: str, on_message=None):  # noqa: ANN202 - a paho client
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = url.removeprefix("mqtt://").split(":")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=BRIDGE_SESSION, clean_session=False,
+                         protocol=mqtt.MQTTv311)
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    if on_message is not None:
+        client.on_message = on_message
+    client.connect(host, int(port))
+    client.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError("could not connect")
+    return client

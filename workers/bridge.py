@@ -9,8 +9,38 @@ message. Commit point: that transaction. Only after it commits are the
 PUBACKs sent, in arrival order. A crash before the commit leaves every message
 un-acked, so the broker redelivers it (persistent session); a crash after the
 commit but before the PUBACKs causes redeliveries that ingress_dedupe drops.
+
+Robustness (issue 7 item 7):
+- Memory: payloads received and not yet acknowledged are counted in bytes.
+  Above EDGE_BRIDGE_INBOX_MAX_BYTES, `_on_message` does not return: paho's
+  network thread then stops reading the socket, so TCP backpressure and the
+  MQTT receive window (EDGE_MQTT_RECEIVE_MAXIMUM; Mosquitto's
+  max_inflight_messages for 3.1.1) hold the rest in the broker. Chosen over a
+  disconnect: a disconnect would make every delivery still in hand un-ackable
+  (a new connection) and the broker would send it all again. While held, the
+  callback sends a PINGREQ every keepalive/2 and flushes paho's outgoing
+  queue itself, so the broker does not drop the session and PUBACKs of
+  committed batches still leave. If the connection is dropped anyway, nothing is
+  lost: un-acked messages are redelivered and ingress_dedupe drops copies.
+- Liveness: the heartbeat file is touched only while paho's network thread
+  is alive, connected, and has read from the broker (at least a PINGRESP)
+  within two keepalives, or is held on purpose and ticking.
+- Callbacks never raise into paho (an exception there ends its thread): the
+  topic is taken as bytes; one that is not UTF-8 is dead-lettered (bad_topic)
+  with its bytes decoded lossily.
+- Every database error class is retried (SQLAlchemy DBAPIError, psycopg2.Error:
+  DiskFull, QueryCanceled, …), never acked, with a backoff capped at
+  MAX_DB_BACKOFF_SECONDS so flow resumes within ~1 s of the database's return.
+- Acks never cross a reconnect: a delivery is acked only on the connection
+  that delivered it (generation), checked under the same lock that bumps the
+  generation on disconnect and on connect. paho clears its outgoing queue on
+  reconnect, so a PUBACK queued before the bump never reaches the next
+  connection, whose packet ids may name other messages (session_present=0,
+  MQTT 3.1.1 or 5).
 """
 
+import ctypes
+import faulthandler
 import logging
 import queue
 import signal
@@ -19,14 +49,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import insert
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from actors.ingest import ingest_batch
 from actors.broker import broker
@@ -37,21 +66,24 @@ from models.dead_letters import dead_letter_row
 from models.messages import Rejected, parse_message
 from models.settings import Settings
 from models.tables import ingress_dead_letters
-from schema.db import raw_cursor, transaction
+from schema.db import DB_ERRORS, db_error_class, raw_cursor, transaction
 
 log = logging.getLogger("farmiq_edge.bridge")
 
 # Everything under our prefix: a device publishing to a malformed topic is
 # dead-lettered (bad_topic), not silently ignored.
 TOPIC_FILTER = "farmiq/#"
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 HEARTBEAT_EVERY_SECONDS = 1.0
-MAX_DB_BACKOFF_SECONDS = 30.0
+MIN_DB_BACKOFF_SECONDS = 0.1
+MAX_DB_BACKOFF_SECONDS = 1.0
+DB_ERROR_LOG_EVERY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
 class Delivery:
     mid: int
-    topic: str
+    topic: bytes  # as received: a topic that is not UTF-8 must still reach a dead letter
     payload: bytes
     generation: int  # which MQTT connection delivered it: acks go back to that one only
 
@@ -68,6 +100,12 @@ class Bridge:
         self.inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.generation = 0
+        # Guards `generation` against acks (see module docstring).
+        self._ack_lock = threading.Lock()
+        # Payload bytes received and not yet acked or dropped; paho is held above the bound.
+        self._held = threading.Condition()
+        self.inbox_bytes = 0
+        self._held_tick = 0.0  # monotonic time the held network thread last ticked
         self.client = self._make_client()
 
     # -- MQTT side (paho's network thread) ---------------------------------
@@ -90,7 +128,8 @@ class Bridge:
         if reason_code.is_failure:
             log.warning("event=mqtt_connect_failed reason=%s", reason_code)
             return
-        self.generation += 1
+        with self._ack_lock:
+            self.generation += 1
         topic = TOPIC_FILTER
         if self.settings.mqtt_shared_group:
             topic = f"$share/{self.settings.mqtt_shared_group}/{TOPIC_FILTER}"
@@ -106,18 +145,73 @@ class Bridge:
             log.info("event=mqtt_subscribed topic=%s", TOPIC_FILTER)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        # paho calls this before it reconnects: from here on, nothing in hand is acked.
+        with self._ack_lock:
+            self.generation += 1
         log.warning("event=mqtt_disconnected reason=%s", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
-        self.inbox.put(Delivery(message.mid, message.topic, message.payload, self.generation))
+        # Never raise: an exception here ends paho's network thread.
+        try:
+            delivery = Delivery(message.mid, bytes(message._topic), message.payload, self.generation)
+            with self._held:
+                self.inbox_bytes += len(delivery.payload)
+            self.inbox.put(delivery)
+            self._hold_while_full(client)
+        except Exception:  # noqa: BLE001
+            log.exception("event=mqtt_callback_failed mid=%s", getattr(message, "mid", None))
+
+    def _hold_while_full(self, client: mqtt.Client) -> None:
+        """Backpressure: do not return to paho while the inbox is over its byte bound.
+
+        paho cannot run its keepalive or flush its outgoing queue while we hold
+        its thread, so this loop does both: a PINGREQ every keepalive/2 and the
+        queued PUBACKs of committed batches. It writes with paho's
+        `_packet_write` (2.x), not `loop_write`: on an error that one calls
+        on_disconnect, which would wait for the callback lock we are holding.
+        On a write error we return, and paho sees the lost connection.
+        """
+        s = self.settings
+        ping_every = s.mqtt_keepalive_seconds / 2
+        last_ping = time.monotonic()
+        with self._held:
+            while self.inbox_bytes > s.bridge_inbox_max_bytes:
+                self._held_tick = time.monotonic()
+                self._held.wait(0.5)
+                # Checked under the lock `run` takes to disconnect: never write a
+                # DISCONNECT from here (paho would call on_disconnect in our callback).
+                if self.stopping.is_set():
+                    break
+                if time.monotonic() - last_ping >= ping_every:
+                    last_ping = time.monotonic()
+                    client._send_pingreq()  # paho 2.x: queued only, written below
+                if client._packet_write() not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+                    break  # connection lost: let paho see it and reconnect
+            self._held_tick = 0.0
+
+    def _release(self, deliveries: list[Delivery]) -> None:
+        with self._held:
+            self.inbox_bytes -= sum(len(d.payload) for d in deliveries)
+            self._held.notify_all()
+
+    def mqtt_alive(self) -> bool:
+        """paho's network thread is alive, connected, and read or ticked within 2 keepalives."""
+        thread = self.client._thread  # paho 2.x: the loop_start() thread
+        if thread is None or not thread.is_alive() or not self.client.is_connected():
+            return False
+        # paho's thread reads at least a PINGRESP per keepalive (_last_bytes_received,
+        # paho 2.x, monotonic); when we hold it on purpose it ticks _held_tick.
+        last = max(self.client._last_bytes_received, self._held_tick)
+        return time.monotonic() - last < 2 * self.settings.mqtt_keepalive_seconds
 
     def connect(self) -> None:
         s = self.settings
         url = urlsplit(s.mqtt_url)
         if url.username:
-            self.client.username_pw_set(url.username, url.password)
+            self.client.username_pw_set(unquote(url.username),
+                                        unquote(url.password) if url.password is not None else None)
         if url.scheme == "mqtts":
-            self.client.tls_set()
+            self.client.tls_set(ca_certs=s.mqtt_ca_file or None)
         kwargs: dict = {}
         if s.mqtt_protocol == "5":
             props = Properties(PacketTypes.CONNECT)
@@ -126,7 +220,9 @@ class Bridge:
             # clean_start=False on EVERY connect: paho's default wipes the
             # session on the first one, dropping what queued while we were down.
             kwargs = {"clean_start": False, "properties": props}
-        self.client.connect_async(url.hostname or "127.0.0.1", url.port or 1883, keepalive=30, **kwargs)
+        default_port = 8883 if url.scheme == "mqtts" else 1883
+        self.client.connect_async(url.hostname or "127.0.0.1", url.port or default_port,
+                                  keepalive=s.mqtt_keepalive_seconds, **kwargs)
         self.client.loop_start()
 
     # -- database side (main thread) ---------------------------------------
@@ -136,14 +232,18 @@ class Bridge:
         last_beat = 0.0
         while not self.stopping.is_set():
             batch = self._collect()
-            if batch.deliveries and self._commit_with_retry(batch):
-                self._ack(batch)
+            if batch.deliveries:
+                if self._commit_with_retry(batch):
+                    self._ack(batch)
+                self._release(batch.deliveries)
             if time.monotonic() - last_beat >= HEARTBEAT_EVERY_SECONDS:
                 self._beat()
                 last_beat = time.monotonic()
         # The batch in hand is committed and acked; whatever is still in the
         # inbox was never acked, so the broker keeps it for the next session.
-        self.client.disconnect()
+        with self._held:
+            self._held.notify_all()  # a held network thread sees `stopping` and returns
+            self.client.disconnect()  # under the lock: see _hold_while_full
         self.client.loop_stop()
         log.info("event=bridge_stopped")
 
@@ -171,67 +271,90 @@ class Bridge:
         return batch
 
     def _beat(self) -> None:
-        Path(self.settings.bridge_heartbeat_path).touch()
+        # Liveness = both threads: this one (we are here) and paho's.
+        if self.mqtt_alive():
+            Path(self.settings.bridge_heartbeat_path).touch()
 
     def _commit_with_retry(self, batch: Batch) -> bool:
-        """Commit, retrying while the database is unreachable; False if stopped first."""
-        backoff = 0.5
+        """Commit, retrying on any database error; False if stopped first."""
+        backoff = MIN_DB_BACKOFF_SECONDS
+        failing_since, last_log = 0.0, 0.0
         while True:
             try:
-                self._commit(batch)
+                commit_batch(self.settings, batch.deliveries)
+                if failing_since:
+                    log.info("event=db_available outage_seconds=%.1f", time.monotonic() - failing_since)
                 return True
-            except (OperationalError, InterfaceError) as exc:
-                # Nothing was acked: keep the batch in hand and try again. Alive
-                # (heartbeat) but not making progress; metrics and logs say why.
-                log.warning("event=db_unavailable retry_in=%.1fs error=%s", backoff,
-                            str(exc.orig).strip().splitlines()[0])
+            except DB_ERRORS as exc:
+                # Every database error class is retried: nothing is acked before
+                # its commit, so retrying is always safe; the backoff keeps it
+                # from spinning. Nothing was acked: keep the batch in hand and try again. Alive
+                # (heartbeat) but not making progress; the log says why, with
+                # the error class only (messages can quote values).
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - last_log >= DB_ERROR_LOG_EVERY_SECONDS:
+                    last_log = now
+                    log.warning("event=db_unavailable error=%r messages=%d failing_for=%.0fs",
+                                db_error_class(exc), len(batch.deliveries), now - failing_since)
                 self._beat()
                 if self.stopping.wait(backoff):
                     return False  # never acked: the broker redelivers next session
                 backoff = min(backoff * 2, MAX_DB_BACKOFF_SECONDS)
 
-    def _commit(self, batch: Batch) -> None:
-        s = self.settings
-        now = datetime.now(timezone.utc)
-        events, dead, reasons = [], [], []
-        for d in batch.deliveries:
-            try:
-                event = parse_message(d.topic, d.payload, now=now, max_clock_skew=s.max_clock_skew,
-                                      media_max_bytes=s.media_max_bytes,
-                                      max_payload_bytes=s.max_payload_bytes)
-            except Rejected as rejected:
-                dead.append(dead_letter_row(d.topic, d.payload, rejected.reason, rejected.detail))
-                reasons.append(rejected.reason)
-                continue
-            events.append(event.model_dump(mode="json"))
-        started = time.monotonic()
-        with transaction(s.database_url) as conn:  # commit point (see module docstring)
-            if dead:
-                conn.execute(insert(ingress_dead_letters), dead)
-            if events:
-                with raw_cursor(conn) as cursor:
-                    broker.enqueue_in(cursor, ingest_batch.message(events))
-            crash_point("bridge.before_commit")
-        crash_point("bridge.after_commit")
-        BRIDGE_BATCH_SECONDS.set(time.monotonic() - started)
-        BRIDGE_BATCHES.inc()
-        for reason in reasons:
-            INGRESS_REJECTED.labels(reason).inc()
-
     def _ack(self, batch: Batch) -> None:
         # In arrival order. A delivery from an earlier connection is not acked
         # on this one: the broker redelivers it and dedupe drops the copy.
-        for d in batch.deliveries:
-            if d.generation == self.generation:
-                self.client.ack(d.mid, 1)
+        with self._ack_lock:
+            for d in batch.deliveries:
+                if d.generation == self.generation:
+                    self.client.ack(d.mid, 1)
+
+
+def commit_batch(settings: Settings, deliveries: list[Delivery]) -> None:
+    """Validate `deliveries`; in ONE transaction dead-letter the rejected ones and
+    enqueue the valid ones as one `ingest` message (commit point)."""
+    s = settings
+    now = datetime.now(timezone.utc)
+    events, dead, reasons = [], [], []
+    for d in deliveries:
+        try:
+            try:
+                topic = d.topic.decode("utf-8")
+            except UnicodeDecodeError:
+                topic = d.topic.decode("utf-8", "backslashreplace")
+                raise Rejected("bad_topic", "topic is not valid UTF-8") from None
+            event = parse_message(topic, d.payload, now=now, max_clock_skew=s.max_clock_skew,
+                                  media_max_bytes=s.media_max_bytes,
+                                  max_payload_bytes=s.max_payload_bytes)
+        except Rejected as rejected:
+            dead.append(dead_letter_row(topic, d.payload, rejected.reason, rejected.detail))
+            reasons.append(rejected.reason)
+            continue
+        events.append(event.model_dump(mode="json"))
+    started = time.monotonic()
+    with transaction(s.database_url) as conn:  # commit point (see module docstring)
+        if dead:
+            conn.execute(insert(ingress_dead_letters), dead)
+        if events:
+            with raw_cursor(conn) as cursor:
+                broker.enqueue_in(cursor, ingest_batch.message(events))
+        crash_point("bridge.before_commit")
+    crash_point("bridge.after_commit")
+    BRIDGE_BATCH_SECONDS.set(time.monotonic() - started)
+    BRIDGE_BATCHES.inc()
+    for reason in reasons:
+        INGRESS_REJECTED.labels(reason).inc()
 
 
 def run_bridge(settings: Settings) -> int:
     from prometheus_client import start_http_server
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
+    _large_buffers_back_to_the_os()
     bridge = Bridge(settings)
     tune_gc()  # throughput: see actors/gc_tuning.py
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` writes every thread's stack to stderr
     signal.signal(signal.SIGTERM, bridge.stop)
     signal.signal(signal.SIGINT, bridge.stop)
     log.info("event=bridge_starting mqtt=%s protocol=%s client_id=%s", _redact(settings.mqtt_url),
@@ -240,6 +363,18 @@ def run_bridge(settings: Settings) -> int:
     return 0
 
 
+def _large_buffers_back_to_the_os() -> None:
+    # glibc raises its mmap threshold after freeing a big block, so later
+    # 14 MB frames come from the heap and stay in RSS after they are freed.
+    # A fixed 1 MiB threshold keeps payload buffers in mmaps, returned on free:
+    # the inbox byte bound then bounds RSS too.
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc
+    libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or 1883}"
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or (8883 if parts.scheme == 'mqtts' else 1883)}"

@@ -169,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_capacity_arguments(p)
 
     p = command("health", cmd_health, "exit 0 when the database answers and the schema is current")
-    p.add_argument("--heartbeat", help="also require this file to be recently touched")
+    p.add_argument("--heartbeat", help="also require this file to be recently touched; the bridge "
+                   "touches EDGE_BRIDGE_HEARTBEAT_PATH every second only while its main loop runs AND "
+                   "paho's network thread is alive, connected and has read from the broker (or is "
+                   "held by inbox backpressure) within 2 keepalives")
     p.add_argument("--max-age", type=float, default=30, help="heartbeat age limit in seconds")
 
     p = command("dlq", cmd_dlq, "inspect, re-drive or purge rejected queue messages")

@@ -163,8 +163,8 @@ def test_aggregates_equal_group_by_over_raw(db_url: str, n_tenants: int, n_devic
         return out
 
     # Late data certainly hitting aggregated buckets too: new readings (new event
-    # ids, negated values) at the times and devices of the first early events.
-    late = late + [(dev, at, [(m, -v - 1.0) for m, v in readings]) for dev, at, readings in early[:2]]
+    # ids, other values within the bounds) at the times and devices of the first early events.
+    late = late + [(dev, at, [(m, -v / 2 - 1.0) for m, v in readings]) for dev, at, readings in early[:2]]
     early_events, late_events = build(early, 1), build(late, 1 + len(early))
 
     def deliver(events: list, redeliveries: list) -> None:
@@ -368,8 +368,9 @@ def test_merge_cost_follows_touched_buckets_not_raw_size(db_url: str) -> None:
         event.remove(engine, "before_cursor_execute", listener)
 
     assert claimed == 8  # pending partials merged
-    merge_sql = statements[:n_statements]
-    assert n_statements <= 2, merge_sql  # claim, one upsert
+    # The upsert runs in a savepoint (poison isolation): SAVEPOINT/RELEASE are not queries.
+    merge_sql = [s for s in statements[:n_statements] if not s.startswith(("SAVEPOINT", "RELEASE"))]
+    assert len(merge_sql) <= 2, merge_sql  # claim, one upsert
     assert not any("telemetry_raw" in s for s in merge_sql)
     assert (raw_reads.scans, raw_reads.tuples) == (0, 0)  # not one row of telemetry_raw read
     # Rows written = touched buckets: 2 minutes x 2 metrics (1m) + 2 metrics (1h) + 2 metrics (1d).

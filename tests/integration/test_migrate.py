@@ -10,7 +10,7 @@ from workers.processes import ROOT
 
 EXPECTED_TABLES = {"telemetry_raw", "telemetry_agg", "telemetry_agg_pending", "weight_sessions",
                    "media_objects", "inference_results", "sync_outbox", "sync_state", "ingress_dedupe",
-                   "ingress_dead_letters", "schema_migrations"}
+                   "ingress_dead_letters", "schema_migrations", "telemetry_agg_failed"}
 EXPECTED_INDEXES = {
     "telemetry_raw_tenant_device_time_idx", "telemetry_raw_tenant_time_idx",
     "telemetry_agg_tenant_device_window_idx", "telemetry_agg_bucket_key",

@@ -16,7 +16,10 @@ from uuid import UUID
 
 from PIL import Image
 
+from models.messages import media_payload_limit
+
 DEFAULT_MEDIA_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024  # EDGE_MAX_PAYLOAD_BYTES: telemetry and session
 TENANT, FARM, BARN, DEVICE = "tenant-a", "farm-1", "barn-1", "device-1"
 
 EVENT_ID = UUID("0199a0b2-6c1e-7d3a-9f10-2b6f3f0e9a11")
@@ -27,8 +30,9 @@ Reading = tuple[str, float, str] | Mapping[str, Any]
 
 
 def default_max_payload_bytes(media_max_bytes: int) -> int:
-    # Same rule as `Settings.max_payload_bytes`: base64 plus envelope room.
-    return media_max_bytes * 4 // 3 + 64 * 1024
+    # The media limit (base64 plus envelope room); tests that are not about
+    # sizes use it for every kind.
+    return media_payload_limit(media_max_bytes)
 
 
 def topic(
@@ -180,7 +184,7 @@ def invalid_cases(
     configurable skew (at most 7 days).
     """
     if max_payload_bytes is None:
-        max_payload_bytes = default_max_payload_bytes(media_max_bytes)
+        max_payload_bytes = DEFAULT_MAX_PAYLOAD_BYTES
     ok_at = now - timedelta(minutes=1)
     t_topic, s_topic, m_topic = topic("telemetry"), topic("session"), topic("media")
     good = telemetry_payload(EVENT_ID, ok_at, [("temperature", 23.4, "C")])

@@ -21,9 +21,11 @@ from models.messages import (
     SessionEvent,
     TelemetryEvent,
     TopicIds,
+    media_payload_limit,
     parse_message,
     parse_topic,
 )
+from models.settings import Settings
 from tests.support import corpus
 from tests.support.corpus import (
     EVENT_ID,
@@ -139,13 +141,15 @@ def test_invalid_case_yields_its_reason(case: tuple[str, bytes, str]) -> None:
 
 def test_invalid_corpus_covers_every_ingress_reason() -> None:
     reasons = {reason for _, _, reason in invalid_cases(NOW, media_max_bytes=MEDIA_MAX)}
-    assert reasons == set(REJECT_REASONS) - {"session_conflict"}
+    assert reasons == set(REJECT_REASONS) - {"session_conflict", "processing_failed"}
 
 
 def test_invalid_corpus_default_limits_match_settings_rule() -> None:
     cases = invalid_cases(NOW)
-    limits = {"media_max_bytes": corpus.DEFAULT_MEDIA_MAX_BYTES}
-    limits["max_payload_bytes"] = corpus.default_max_payload_bytes(corpus.DEFAULT_MEDIA_MAX_BYTES)
+    defaults = Settings()
+    assert (corpus.DEFAULT_MEDIA_MAX_BYTES, corpus.DEFAULT_MAX_PAYLOAD_BYTES) == (
+        defaults.media_max_bytes, defaults.max_payload_bytes)
+    limits = {"media_max_bytes": defaults.media_max_bytes, "max_payload_bytes": defaults.max_payload_bytes}
     for topic_, payload, expected in cases[-2:]:
         assert reason_of(topic_, payload, **limits) == expected == "too_large"
 
@@ -240,6 +244,16 @@ def test_metric_tokens_rejected(token: str) -> None:
 @pytest.mark.parametrize("field", ["tenant_id", "farm_id", "barn_id", "device_id", "kind"])
 def test_payload_cannot_name_topic_fields(field: str) -> None:
     assert reason_of(topic("telemetry"), telemetry(**{field: "x"})) == "schema"
+
+
+@pytest.mark.parametrize("field", ["tenant_id", "farm_id", "barn_id", "device_id", "kind", "raw_b64"])
+@pytest.mark.parametrize("kind", ["session", "media"])
+def test_topic_ids_are_authoritative_for_every_kind(kind: str, field: str) -> None:
+    payload = (session_payload(EVENT_ID, AT, SESSION_ID, "start", extra={field: "tenant-b"}) if kind == "session"
+               else media_payload(EVENT_ID, AT, jpeg_bytes(), extra={field: "tenant-b"}))
+    assert reason_of(topic(kind), payload) == "schema"
+    event = parse(topic(kind), payload.replace(b', "%s": "tenant-b"' % field.encode(), b""))
+    assert event.tenant_id == corpus.TENANT  # type: ignore[attr-defined]
 
 
 def test_trace_id_bounds() -> None:
@@ -421,10 +435,31 @@ def test_fifty_megapixels_is_allowed() -> None:
     assert isinstance(parse(topic("media"), payload), MediaEvent)
 
 
-def test_raw_payload_limit_comes_first() -> None:
+def test_raw_payload_limit_is_per_kind_and_comes_before_parsing() -> None:
     payload = telemetry()
     assert isinstance(parse(topic("telemetry"), payload, max_payload_bytes=len(payload)), TelemetryEvent)
-    assert reason_of("bad topic", payload, max_payload_bytes=len(payload) - 1) == "too_large"
+    # Not even JSON: the size is refused before the parser sees it.
+    assert reason_of(topic("telemetry"), b"{" * (len(payload) + 1), max_payload_bytes=len(payload)) == "too_large"
+    assert reason_of(topic("session"), b" " * 2000, max_payload_bytes=1999) == "too_large"
+    # Media is bounded by the frame size in base64, not by the small limit.
+    big = b" " * 100_000 + telemetry()
+    assert reason_of(topic("media"), big, max_payload_bytes=1024) != "too_large"
+    limit = media_payload_limit(MEDIA_MAX)
+    assert reason_of(topic("media"), b" " * (limit + 1), max_payload_bytes=1024) == "too_large"
+    assert limit == 4 * -(-MEDIA_MAX // 3) + 64 * 1024
+
+
+@pytest.mark.parametrize("value", [1e15, -1e15, 0.0, 5e-324])
+def test_metric_value_at_the_bound_is_accepted(value: float) -> None:
+    payload = telemetry(readings=[{"metric_type": "t", "metric_value": value, "unit": "C"}])
+    assert isinstance(parse(topic("telemetry"), payload), TelemetryEvent)
+
+
+@pytest.mark.parametrize("value", ["1.0000000000000002e15", "-1.0000000000000002e15", "1.7e308", "1e400"])
+def test_metric_value_beyond_the_bound_is_refused(value: str) -> None:
+    payload = (b'{"event_id": "%s", "occurred_at": "2026-11-27T09:59:30Z", "readings": '
+               b'[{"metric_type": "t", "metric_value": %s, "unit": "C"}]}' % (str(EVENT_ID).encode(), value.encode()))
+    assert reason_of(topic("telemetry"), payload) == "schema"
 
 
 # --- queue round trip and context-free re-validation ---------------------------
@@ -474,7 +509,7 @@ def test_revalidation_skips_image_checks_but_not_schema() -> None:
     occurred_at=st.datetimes(min_value=datetime(2020, 1, 2), max_value=datetime(2026, 11, 27),
                              timezones=st.sampled_from([timezone.utc, timezone(timedelta(hours=7)),
                                                         timezone(timedelta(hours=-9, minutes=-30))])),
-    values=st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=100),
+    values=st.lists(st.floats(min_value=-1e15, max_value=1e15), min_size=1, max_size=100),
     trace_id=st.none() | st.text(st.characters(min_codepoint=32, exclude_characters="\x7f"), max_size=64),
 )
 def test_round_trip_property(occurred_at: datetime, values: list[float], trace_id: str | None) -> None:
@@ -511,7 +546,7 @@ def _only_rejected(topic_: str, payload: bytes) -> None:
     try:
         event = parse(topic_, payload)
     except Rejected as rejected:
-        assert rejected.reason in REJECT_REASONS and rejected.reason != "session_conflict"
+        assert rejected.reason in REJECT_REASONS and rejected.reason not in ("session_conflict", "processing_failed")
         assert rejected.detail.isprintable()
     else:
         assert event.kind == topic_.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
