@@ -42,6 +42,7 @@ from dramatiq.middleware import (AgeLimit, Callbacks, Pipelines, Prometheus, Ret
                                  ShutdownNotifications, TimeLimit)
 from psycopg2.extras import Json
 
+import actors.log_hygiene  # noqa: F401 - no payloads or SQL values in dramatiq's logs, in every worker
 from actors.dead_letters import DeadLetters, retry_unless_permanent
 from actors.gc_tuning import GcTuning
 from actors.queue_consumer import EdgeConsumer
