@@ -19,9 +19,10 @@ import sqlalchemy.exc
 from models.settings import Settings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANNOT_CONNECT = 0, 1, 2, 3
-QUEUES = ("ingest", "aggregate")
+QUEUES = ("ingest", "aggregate", "maintenance")
 # Actor modules by queue: `farmiq-edge worker --queues X` imports only these.
-ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate"}
+ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate",
+                 "maintenance": "actors.retention"}
 
 log = logging.getLogger("farmiq_edge")
 
@@ -104,6 +105,11 @@ def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     return operator.outbox(settings, args)
 
 
+def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.retention import retention
+    return retention(settings, args)
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from workers.bench import run_bench
     return run_bench(settings, args)
@@ -164,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                           description="set failed events back to pending")
     a.add_argument("event_ids", nargs="*", help="event ids (default: needs --all)")
     a.add_argument("--all", action="store_true", help="every failed event")
+
+    p = command("retention", cmd_retention, "maintenance jobs by hand: run (or --dry-run), status")
+    retention = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = retention.add_parser("run", help="run maintenance jobs now, print what each deleted",
+                             description="run maintenance jobs now, print what each deleted")
+    a.add_argument("--job", choices=("partitions", "media", "outbox", "dedupe", "queue"),
+                   help="only this job (default: all)")
+    a.add_argument("--dry-run", action="store_true", help="print what would be deleted, change nothing")
+    retention.add_parser("status", help="rows, oldest row, bytes per table; what the sync gate holds back",
+                         description="rows, oldest row, bytes per table; what the sync gate holds back")
 
     p = command("bench", cmd_bench, "benchmarks that print figures (see `farmiq-edge bench ingest --help`)")
     bench = p.add_subparsers(dest="what", required=True, metavar="WHAT")
