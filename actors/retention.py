@@ -261,11 +261,11 @@ def delete_batches(run: Run, table: str, label: str, predicate: str, params: dic
     sql = text(keyed_batch_sql(table, key, predicate) if key else tid_batch_sql(table, predicate))
     after: Any = datetime.min.replace(tzinfo=timezone.utc) if key else "(0,0)"
     total = 0
-    while not run.out_of_time():
+    while True:  # at least one batch per run, so every run makes progress
         with transaction(run.url) as conn:  # commit point: one batch
             n, last = conn.execute(sql, {**params, "after": after, "batch": run.limits.batch_rows}).one()
         total += n
-        if n < run.limits.batch_rows:
+        if n < run.limits.batch_rows or run.out_of_time():
             break
         after = last
         time.sleep(run.limits.pause_seconds)
@@ -423,7 +423,7 @@ EXPIRED_MEDIA = text("""
       LEFT JOIN weight_sessions s ON s.id = m.session_id
      WHERE m.captured_at < :cutoff
        AND (m.captured_at, m.id) > (:after_at, :after_id)
-       AND (:include_open OR m.session_id IS NULL OR s.status IN ('finalized', 'cancelled'))
+       AND (:include_open OR m.session_id IS NULL OR coalesce(s.status IN ('finalized', 'cancelled'), false))
      ORDER BY m.captured_at, m.id
      LIMIT :batch
 """)
@@ -432,7 +432,7 @@ EXPIRED_MEDIA_TOTALS = text("""
     SELECT count(*) FILTER (WHERE may_go) AS n, coalesce(sum(size_bytes) FILTER (WHERE may_go), 0) AS bytes,
            count(*) FILTER (WHERE NOT may_go) AS held, min(captured_at) FILTER (WHERE NOT may_go) AS held_since
       FROM (SELECT m.size_bytes, m.captured_at,
-                   (:include_open OR m.session_id IS NULL OR s.status IN ('finalized', 'cancelled')) AS may_go
+                   (:include_open OR m.session_id IS NULL OR coalesce(s.status IN ('finalized', 'cancelled'), false)) AS may_go
               FROM media_objects m
               LEFT JOIN weight_sessions s ON s.id = m.session_id
              WHERE m.captured_at < :cutoff) AS e
@@ -455,7 +455,7 @@ def media_job(run: Run) -> None:
         run.report.bytes += totals.bytes
     else:
         after = (datetime.min.replace(tzinfo=timezone.utc), "00000000-0000-0000-0000-000000000000")
-        while not run.out_of_time():
+        while True:
             with transaction(run.url) as conn:
                 page = conn.execute(EXPIRED_MEDIA, {**params, "after_at": after[0], "after_id": after[1],
                                                     "batch": run.limits.media_batch}).all()
@@ -466,7 +466,7 @@ def media_job(run: Run) -> None:
                 conn.execute(DELETE_MEDIA, {"ids": gone})
             run.report.add_rows("media_objects", len(gone))
             after = (page[-1].captured_at, str(page[-1].id))
-            if len(page) < run.limits.media_batch:
+            if len(page) < run.limits.media_batch or run.out_of_time():
                 break
     _remove_temp_files(run, root)
 
