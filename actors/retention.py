@@ -251,7 +251,7 @@ def count_sql(table: str, predicate: str) -> str:
 
 
 def delete_batches(run: Run, table: str, label: str, predicate: str, params: dict[str, Any], *,
-                   key: str | None = None, vacuum: bool = True) -> int:
+                   key: str | None = None, vacuum_after: int = VACUUM_AFTER_ROWS) -> int:
     """Delete rows of `table` matching `predicate` (aliased `t` in TID mode) in batches; dry run counts."""
     if run.dry_run:
         with transaction(run.url) as conn:
@@ -270,7 +270,7 @@ def delete_batches(run: Run, table: str, label: str, predicate: str, params: dic
         after = last
         time.sleep(run.limits.pause_seconds)
     run.report.add_rows(label, total)
-    if vacuum and total >= VACUUM_AFTER_ROWS:
+    if total and total >= vacuum_after:
         vacuum_table(run.url, table)
     return total
 
@@ -541,8 +541,10 @@ def queue_job(run: Run) -> None:
     s = run.settings
     for state, age in (("done", timedelta(minutes=s.retention_queue_done_minutes)),
                        ("rejected", timedelta(days=s.retention_queue_rejected_days))):
+        # Vacuumed after any delete: few rows, but each a TOASTed batch body.
         delete_batches(run, "dramatiq.queue", "dramatiq.queue",
-                       f"state = '{state}' AND mtime < :cutoff", {"cutoff": run.now - age}, key="mtime")
+                       f"state = '{state}' AND mtime < :cutoff", {"cutoff": run.now - age}, key="mtime",
+                       vacuum_after=1)
 
 
 JOB_FUNCTIONS: dict[str, Callable[[Run], None]] = {
