@@ -64,11 +64,13 @@ LATENCY_BETWEEN = """
       FROM telemetry_raw
      WHERE occurred_at >= to_timestamp(%s) AND occurred_at < to_timestamp(%s)
 """
-# Longest current lock wait of backends connected from the given client ports.
+# Longest current lock wait of backends connected from the given client ports, and on what.
 LOCK_WAITS = """
-    SELECT coalesce(max(extract(epoch FROM clock_timestamp() - l.waitstart)), 0)
+    SELECT extract(epoch FROM clock_timestamp() - l.waitstart),
+           l.locktype || coalesce(' ' || CAST(l.relation AS regclass)::text, '')
       FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
      WHERE NOT l.granted AND a.datname = %s AND a.client_port = ANY(%s)
+     ORDER BY 1 DESC LIMIT 1
 """
 QUEUE_SIZE = """
     SELECT pg_total_relation_size('dramatiq.queue'), count(*),
@@ -77,12 +79,13 @@ QUEUE_SIZE = """
 
 
 class LockWaitSampler(threading.Thread):
-    """Longest lock wait seen by the backends of the given processes (by their client ports)."""
+    """Longest lock wait seen by the backends of the given processes (by their client ports), per phase."""
 
     def __init__(self, url: str, db_name: str, pids: list[int]) -> None:
         super().__init__(daemon=True)
         self.db, self.db_name, self.pids = Db(url), db_name, pids
-        self.longest = 0.0
+        self.phase = "warm-up"
+        self.longest: dict[str, tuple[float, str]] = {}
         self.samples = 0
         self._halt = threading.Event()
 
@@ -101,20 +104,27 @@ class LockWaitSampler(threading.Thread):
         while not self._halt.is_set():
             if time.monotonic() - listed > 1.0:
                 ports, listed = self.ports(), time.monotonic()
-            self.longest = max(self.longest, float(self.db.one(LOCK_WAITS, (self.db_name, ports))[0]))
+            row = self.db.all(LOCK_WAITS, (self.db_name, ports))
+            if row and float(row[0][0]) > self.longest.get(self.phase, (0.0, ""))[0]:
+                self.longest[self.phase] = (float(row[0][0]), row[0][1])
             self.samples += 1
             self._halt.wait(LOCK_SAMPLE_SECONDS)
 
-    def stop(self) -> float:
-        self._halt.set()
-        self.join(5)
-        self.db.close()
-        return self.longest
+    def worst(self, phase: str) -> str:
+        seconds, what = self.longest.get(phase, (0.0, ""))
+        return f"{seconds * 1000:,.0f} ms" + (f" ({what})" if what else "")
+
+    def stop(self) -> None:
+        if not self._halt.is_set():
+            self._halt.set()
+            self.join(5)
+            self.db.close()
 
 
 def run_retention_bench(settings: Settings, args: Any) -> int:
     bench = Bench(settings, args)
     failures: list[str] = []
+    sampler: LockWaitSampler | None = None
     try:
         bench.setup()
         db = bench.db
@@ -133,20 +143,21 @@ def run_retention_bench(settings: Settings, args: Any) -> int:
         pubs = Publishers(bench.broker.port, plan, args.rate)
         bench.publishers.append(pubs)
         pubs.prepare()
+        sampler = LockWaitSampler(bench.db_url, bench.db_name,
+                                  [procs["bridge"].pid, procs["ingest worker"].pid])
+        sampler.start()
         pubs.go()
         t_start = time.time()
         _wait(bench, args.warmup, "warm-up")
 
         say("\n== cleanup while ingest runs: jobs `dedupe` then `queue` (batches of 5,000)")
         from actors.retention import run_job
-        sampler = LockWaitSampler(bench.db_url, bench.db_name,
-                                  [procs["bridge"].pid, procs["ingest worker"].pid])
-        sampler.start()
+        sampler.phase = "cleanup"
         job_settings = settings.model_copy(update={"database_url": bench.db_url})
         t0 = time.time()
         reports = [run_job(job_settings, job, now=datetime.now(timezone.utc)) for job in ("dedupe", "queue")]
         t1 = time.time()
-        longest_wait = sampler.stop()
+        sampler.phase = "maintenance worker"
         left = db.one("SELECT (SELECT count(*) FROM ingress_dedupe WHERE tenant_id = 'seed-tenant'),"
                       " (SELECT count(*) FROM dramatiq.queue WHERE state = 'done'"
                       "    AND mtime < now() - interval '50 minutes')")
@@ -155,8 +166,8 @@ def run_retention_bench(settings: Settings, args: Any) -> int:
             say(f"  {r.job}: {sum(r.rows.values()):,} rows in {r.seconds:.1f}s "
                 f"({sum(r.rows.values()) / max(r.seconds, 1e-9):,.0f} rows/s)")
         say(f"  cleanup total        {t1 - t0:.1f}s; seeded rows left: dedupe {left[0]:,}, queue {left[1]:,}")
-        say(f"  longest lock wait    {longest_wait * 1000:.0f} ms (bridge and ingest worker backends, "
-            f"{sampler.samples:,} samples every {LOCK_SAMPLE_SECONDS * 1000:.0f} ms)")
+        say(f"  longest lock wait    {sampler.worst('cleanup')} (bridge and ingest worker backends; "
+            f"warm-up: {sampler.worst('warm-up')})")
         if any(left):
             failures.append("the cleanup left seeded expired rows behind")
         say(f"\n== maintenance worker on, {args.duration:.0f}s: queue table size")
@@ -176,7 +187,7 @@ def run_retention_bench(settings: Settings, args: Any) -> int:
         _wait(bench, SETTLE_SECONDS, None)  # what was published last is committed by now
         say("\n== results")
         say(f"  cleanup              dedupe + queue, {2 * args.seed_rows:,} rows in {t1 - t0:.1f}s; "
-            f"longest lock wait seen by ingest {longest_wait * 1000:.0f} ms")
+            f"longest lock wait seen by ingest {sampler.worst('cleanup')}")
         base = db.one(LATENCY_BETWEEN, (t_start + 2, t0))
         during = db.one(LATENCY_BETWEEN, (t0, t1))
         say(f"  ingest before        {base[0] / max(t0 - t_start - 2, 1e-9):,.0f} msg/s, publish→commit "
@@ -188,6 +199,10 @@ def run_retention_bench(settings: Settings, args: Any) -> int:
         phase = db.one(LATENCY_BETWEEN, (t_end - args.duration, t_end))
         say(f"  ingest maintenance   {phase[0] / max(args.duration, 1e-9):,.0f} msg/s, p50 {_ms(phase[1])}, "
             f"p99 {_ms(phase[2])} ({args.duration:.0f}s with the maintenance worker on)")
+        sampler.stop()
+        say(f"  lock waits           longest seen by ingest: warm-up {sampler.worst('warm-up')}, cleanup "
+            f"{sampler.worst('cleanup')}, maintenance worker {sampler.worst('maintenance worker')} "
+            f"({sampler.samples:,} samples every {LOCK_SAMPLE_SECONDS * 1000:.0f} ms)")
         say(f"  queue table          start {sizes[0]:,} bytes, end {sizes[-1]:,} bytes, "
             f"peak {max(sizes):,} bytes")
     except KeyboardInterrupt:
@@ -197,6 +212,8 @@ def run_retention_bench(settings: Settings, args: Any) -> int:
         say(f"\nFAIL: {exc}")
         return EXIT_FAILURE
     finally:
+        if sampler is not None:
+            sampler.stop()
         bench.teardown()
     if failures:
         say("\nFAIL: " + "; ".join(failures))

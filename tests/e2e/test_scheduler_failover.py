@@ -9,20 +9,11 @@ import time
 from collections import Counter
 from datetime import datetime
 
-import psycopg2
-
-from tests.support.processes import edge_env, wait_until
+from tests.support.processes import edge_env, scalar, wait_until
 from workers.processes import EdgeProcess, edge_command
 
-
-def aggregate_slots(db_url: str) -> list[str]:
-    conn = psycopg2.connect(db_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT message->'options'->>'scheduled_slot' FROM dramatiq.queue")
-            return [r[0] for r in cur.fetchall()]
-    finally:
-        conn.close()
+# The scheduled slot of every queue message.
+SLOTS = "SELECT coalesce(array_agg(message->'options'->>'scheduled_slot' ORDER BY 1), '{}') FROM dramatiq.queue"
 
 
 def test_kill_the_leader_and_the_standby_takes_over_without_a_duplicate_slot(db_url, tmp_path):
@@ -32,20 +23,20 @@ def test_kill_the_leader_and_the_standby_takes_over_without_a_duplicate_slot(db_
     try:
         wait_until(lambda: "event=scheduler_leading" in one.log() + two.log(), 60, "a leader")
         leader, standby = (one, two) if "event=scheduler_leading" in one.log() else (two, one)
-        wait_until(lambda: sum(s.startswith("aggregate@") for s in aggregate_slots(db_url)) >= 3, 60,
+        wait_until(lambda: sum(s.startswith("aggregate@") for s in scalar(db_url, SLOTS)) >= 3, 60,
                    "aggregate ticks")
         assert "event=scheduler_leading" not in standby.log()  # one active scheduler
 
         leader.kill9()
         killed_at = time.time()
         wait_until(lambda: "event=scheduler_leading" in standby.log(), 60, "the standby to lead")
-        before = len(aggregate_slots(db_url))
-        wait_until(lambda: len(aggregate_slots(db_url)) >= before + 3, 60, "ticks from the new leader")
+        before = len(scalar(db_url, SLOTS))
+        wait_until(lambda: len(scalar(db_url, SLOTS)) >= before + 3, 60, "ticks from the new leader")
     finally:
         for proc in (one, two):
             proc.stop()
 
-    slots = aggregate_slots(db_url)
+    slots = scalar(db_url, SLOTS)
     assert max(Counter(slots).values()) == 1, "a slot was enqueued twice"
     assert {s.split("@")[0] for s in slots} >= {"aggregate", "retention.queue", "retention.dedupe"}
     ticks = sorted(datetime.fromisoformat(s.split("@")[1]).timestamp()

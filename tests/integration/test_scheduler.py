@@ -1,22 +1,14 @@
 """Scheduler slots and leadership (workers/scheduler.py) on a movable clock, no processes."""
 
-import psycopg2
 import pytest
 
 from actors.retention import retention_job
+from tests.support.processes import scalar
 from workers.scheduler import Job, Scheduler, jobs
 
 T0 = 1_800_000_000.0  # a slot boundary for every interval used here
-
-
-def queued(db_url: str) -> list[str]:
-    conn = psycopg2.connect(db_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT message->'options'->>'scheduled_slot' FROM dramatiq.queue ORDER BY 1")
-            return [r[0] for r in cur.fetchall()]
-    finally:
-        conn.close()
+# The scheduled slot of every queue message.
+SLOTS = "SELECT coalesce(array_agg(message->'options'->>'scheduled_slot' ORDER BY 1), '{}') FROM dramatiq.queue"
 
 
 @pytest.fixture
@@ -40,7 +32,7 @@ def test_one_leader_and_one_message_per_slot(db_url, pair):
     assert b.tick(T0 + 2.5) == []
     assert [j for j, _ in b.tick(T0 + 4.0)] == ["every-2s"]
     assert a.tick(T0 + 4.1) == []
-    slots = queued(db_url)
+    slots = scalar(db_url, SLOTS)
     assert len(slots) == len(set(slots)) == 4
 
 
