@@ -29,12 +29,14 @@ TABLES = (("telemetry_raw", "occurred_at"), ("telemetry_agg", "bucket_start_at")
           ("media_objects", "captured_at"), ("sync_outbox", "created_at"),
           ("ingress_dedupe", "first_seen_at"), ("dramatiq.queue", "mtime"))
 
-# table_size: bytes (with indexes and TOAST) and planner row estimate, partitions included.
+# table_size: bytes (with indexes and TOAST) and planner row estimate: the
+# table itself, or for a partitioned one its partitions (it has no storage).
 TABLE_SIZE = text("""
-    SELECT coalesce(sum(pg_total_relation_size(p.relid)), 0) AS bytes,
-           coalesce(sum(greatest(c.reltuples, 0)) FILTER (WHERE p.isleaf), 0) AS estimate
-      FROM pg_partition_tree(CAST(:table AS regclass)) AS p
-      JOIN pg_class c ON c.oid = p.relid
+    SELECT coalesce(sum(pg_total_relation_size(r.relid)), 0) AS bytes,
+           coalesce(sum(greatest(c.reltuples, 0)), 0) AS estimate
+      FROM (SELECT relid FROM pg_partition_tree(CAST(:table AS regclass)) WHERE isleaf
+            UNION SELECT CAST(:table AS regclass)) AS r
+      JOIN pg_class c ON c.oid = r.relid
 """)
 # job_runs: the maintenance jobs' schedule and last success.
 JOB_RUNS = text("""

@@ -4,6 +4,7 @@ No sleeping: every job takes `now`; file ages are set with os.utime.
 """
 
 import json
+import re
 import os
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -15,6 +16,7 @@ from psycopg2.extras import execute_values
 
 from actors.retention import Limits, run_job
 from models.settings import load_settings
+from tests.integration.test_operator import cli  # noqa: F401 - the `farmiq-edge` fixture
 
 NOW = datetime(2027, 6, 15, 12, 0, tzinfo=timezone.utc)
 DEVICES = ("dev-a", "dev-b", "dev-c")
@@ -302,3 +304,32 @@ def test_a_job_already_running_elsewhere_is_skipped(db, db_url, tmp_path):
     db.all("SELECT pg_advisory_lock(hashtext('farmiq-edge:retention:queue'))")
     assert run_job(settings_for(db_url, tmp_path), "queue", now=NOW) is None
     assert run_job(settings_for(db_url, tmp_path), "dedupe", now=NOW) is not None
+
+
+def test_operator_commands_dry_run_run_and_status(db, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_MEDIA_ROOT", str(tmp_path))
+    db.all("INSERT INTO ingress_dedupe (tenant_id, event_id, first_seen_at) "
+           "SELECT 't1', gen_random_uuid(), now() - interval '80 hours' FROM generate_series(1, 30)")
+    db.all("INSERT INTO telemetry_raw (id, tenant_id, farm_id, barn_id, device_id, occurred_at, metric_type, "
+           "metric_value, unit) SELECT gen_random_uuid(), 't1', 'f1', 'b1', 'dev-a', "
+           "now() - interval '39 days 12 hours' + g * interval '1 day', 'x', 1, 'C' FROM generate_series(1, 20) g")
+    outbox(db, "telemetry.ingested", "dev-a", datetime.now(timezone.utc) - timedelta(days=35), "pending")
+
+    rc, out, _ = cli("retention", "run", "--dry-run")
+    assert rc == 0
+    assert "dedupe: would delete ingress_dedupe 30 rows" in out
+    assert "partitions: would delete telemetry_raw 4 rows" in out and "held back: telemetry_raw 5 expired rows" in out
+    assert db.one("SELECT count(*) FROM ingress_dedupe") == 30  # nothing changed
+
+    rc, out, _ = cli("retention", "run", "--job", "dedupe")
+    assert rc == 0 and out.startswith("dedupe: deleted ingress_dedupe 30 rows in ")
+    assert db.one("SELECT count(*) FROM ingress_dedupe") == 0
+
+    rc, out, _ = cli("retention", "status")
+    assert rc == 0
+    assert re.search(r"^telemetry_raw\s+20\s+\S+Z\s+[\d,]+$", out, re.M)
+    assert re.search(r"^ingress_dedupe\s+0\s+-\s+[\d,]+$", out, re.M)
+    assert "telemetry_raw: 5 rows of 1 device not yet acked by the cloud, since" in out
+    with pytest.raises(SystemExit) as usage:
+        cli("retention", "run", "--job", "nope")
+    assert usage.value.code == 2

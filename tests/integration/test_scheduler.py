@@ -63,4 +63,6 @@ def test_jobs_cover_every_maintenance_job():
     names = [j.name for j in jobs()]
     assert len(names) == len(set(names)) and "aggregate" in names
     assert {f"retention.{job}" for job in JOBS} <= set(names)
+    from workers.cli import build_parser
+    assert [build_parser().parse_args(["retention", "run", "--job", job]).job for job in JOBS] == list(JOBS)
 
