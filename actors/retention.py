@@ -65,6 +65,7 @@ from prometheus_client import Counter
 from sqlalchemy import Connection, text
 
 from actors import metrics
+from actors.faults import crash_point
 from models.settings import Settings, get_settings
 from schema.db import transaction
 from schema.migrate import PARTITION_MONTHS_AHEAD
@@ -462,6 +463,7 @@ def media_job(run: Run) -> None:
             if not page:
                 break
             gone = [str(m.id) for m in page if _remove_media_file(run, root, m.path)]
+            crash_point("retention.media_files_removed")  # a crash here: rows of missing files
             with transaction(run.url) as conn:  # commit point: files first, then their rows
                 conn.execute(DELETE_MEDIA, {"ids": gone})
             run.report.add_rows("media_objects", len(gone))

@@ -43,6 +43,7 @@ import psycopg2
 from dramatiq import Actor
 from dramatiq.message import Message
 
+from actors.faults import crash_point
 from models.settings import Settings
 
 log = logging.getLogger("farmiq_edge.scheduler")
@@ -149,6 +150,10 @@ class Scheduler:
                 if cur.fetchone() is not None:
                     broker.enqueue_in(cur, job.message(slot))
                     sent.append((job.name, slot))
+            if sent:
+                crash_point("scheduler.before_commit")
+        if sent:
+            crash_point("scheduler.after_commit")
         for name, slot in sent:
             log.debug("event=scheduled job=%s slot=%s", name, slot.isoformat())
         return sent

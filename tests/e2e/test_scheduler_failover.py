@@ -9,11 +9,8 @@ import time
 from collections import Counter
 from datetime import datetime
 
-from tests.support.processes import edge_env, scalar, wait_until
+from tests.support.processes import SCHEDULED_SLOTS, edge_env, scalar, wait_until
 from workers.processes import EdgeProcess, edge_command
-
-# The scheduled slot of every queue message.
-SLOTS = "SELECT coalesce(array_agg(message->'options'->>'scheduled_slot' ORDER BY 1), '{}') FROM dramatiq.queue"
 
 
 def test_kill_the_leader_and_the_standby_takes_over_without_a_duplicate_slot(db_url, tmp_path):
@@ -23,20 +20,20 @@ def test_kill_the_leader_and_the_standby_takes_over_without_a_duplicate_slot(db_
     try:
         wait_until(lambda: "event=scheduler_leading" in one.log() + two.log(), 60, "a leader")
         leader, standby = (one, two) if "event=scheduler_leading" in one.log() else (two, one)
-        wait_until(lambda: sum(s.startswith("aggregate@") for s in scalar(db_url, SLOTS)) >= 3, 60,
+        wait_until(lambda: sum(s.startswith("aggregate@") for s in scalar(db_url, SCHEDULED_SLOTS)) >= 3, 60,
                    "aggregate ticks")
         assert "event=scheduler_leading" not in standby.log()  # one active scheduler
 
         leader.kill9()
         killed_at = time.time()
         wait_until(lambda: "event=scheduler_leading" in standby.log(), 60, "the standby to lead")
-        before = len(scalar(db_url, SLOTS))
-        wait_until(lambda: len(scalar(db_url, SLOTS)) >= before + 3, 60, "ticks from the new leader")
+        before = len(scalar(db_url, SCHEDULED_SLOTS))
+        wait_until(lambda: len(scalar(db_url, SCHEDULED_SLOTS)) >= before + 3, 60, "ticks from the new leader")
     finally:
         for proc in (one, two):
             proc.stop()
 
-    slots = scalar(db_url, SLOTS)
+    slots = scalar(db_url, SCHEDULED_SLOTS)
     assert max(Counter(slots).values()) == 1, "a slot was enqueued twice"
     assert {s.split("@")[0] for s in slots} >= {"aggregate", "retention.queue", "retention.dedupe"}
     ticks = sorted(datetime.fromisoformat(s.split("@")[1]).timestamp()

@@ -3,13 +3,10 @@
 import pytest
 
 from actors.retention import retention_job
-from tests.support.processes import scalar
+from tests.support.processes import SCHEDULED_SLOTS, scalar
 from workers.scheduler import Job, Scheduler, jobs
 
 T0 = 1_800_000_000.0  # a slot boundary for every interval used here
-# The scheduled slot of every queue message.
-SLOTS = "SELECT coalesce(array_agg(message->'options'->>'scheduled_slot' ORDER BY 1), '{}') FROM dramatiq.queue"
-
 
 @pytest.fixture
 def pair(db_url):
@@ -32,7 +29,7 @@ def test_one_leader_and_one_message_per_slot(db_url, pair):
     assert b.tick(T0 + 2.5) == []
     assert [j for j, _ in b.tick(T0 + 4.0)] == ["every-2s"]
     assert a.tick(T0 + 4.1) == []
-    slots = scalar(db_url, SLOTS)
+    slots = scalar(db_url, SCHEDULED_SLOTS)
     assert len(slots) == len(set(slots)) == 4
 
 

@@ -43,3 +43,8 @@ def queue_idle(db_url: str) -> bool:
     """
     return scalar(db_url, "SELECT count(*) FROM dramatiq.queue WHERE state IN ('queued', 'consumed') "
                           "AND queue_name NOT IN ('maintenance', 'maintenance.DQ')") == 0
+
+
+# The scheduled slot (workers/scheduler.py) of every queue message, as a list.
+SCHEDULED_SLOTS = ("SELECT coalesce(array_agg(message->'options'->>'scheduled_slot' ORDER BY 1), '{}') "
+                   "FROM dramatiq.queue")
