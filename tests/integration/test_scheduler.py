@@ -8,6 +8,7 @@ from workers.scheduler import Job, Scheduler, jobs
 
 T0 = 1_800_000_000.0  # a slot boundary for every interval used here
 
+
 @pytest.fixture
 def pair(db_url):
     table = [Job("every-2s", 2.0, retention_job, ("queue",)), Job("every-60s", 60.0, retention_job, ("dedupe",))]
