@@ -143,7 +143,10 @@ def retention_job(job: str) -> None:
         run_job(get_settings(), job, now=datetime.now(timezone.utc))
     except Exception as exc:  # the next slot is the retry (module docstring)
         FAILURES.labels(job).inc()
-        log.exception("event=retention_failed job=%s error=%s", job, type(exc).__name__)
+        # No traceback: SQLAlchemy's error text carries the statement's parameters (ids).
+        cause = getattr(exc, "orig", None) or exc
+        log.error("event=retention_failed job=%s error=%s reason=%r", job, type(cause).__name__,
+                  (str(cause).strip().splitlines() or [""])[0][:200])
 
 
 def run_job(settings: Settings, job: str, *, now: datetime, dry_run: bool = False,
