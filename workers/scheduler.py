@@ -20,7 +20,9 @@ for a slot is enqueued at most once, however many replicas run:
   back to standby. Processed messages are deleted from the queue store, so
   the slot table (not a message id) is what makes this hold.
 - Slots missed while no leader ran are not replayed: jobs are periodic and
-  idempotent, the next slot does the work.
+  idempotent, the next slot does the work. Slots come from the leader's
+  clock: a replica whose clock lags sends nothing until it reaches the last
+  slot sent (a delay, never a duplicate); NTP keeps that within a tick.
 
 Why not a library: APScheduler 3 (the stable line) runs every job in every
 process that starts it and documents that sharing a job store between
