@@ -26,6 +26,7 @@ expired rows behind.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from datetime import datetime, timezone
@@ -41,6 +42,8 @@ from workers.processes import NotReady, edge_command
 LOCK_SAMPLE_SECONDS = 0.02
 SIZE_EVERY_SECONDS = 10.0
 SETTLE_SECONDS = 5.0
+SLOW_P99_SECONDS = 1.0
+RUN_LINE = re.compile(r"^\[(?P<at>[^\]]+)\].*event=retention_done job=(?P<job>\S+).*seconds=(?P<seconds>[\d.]+)")
 EXIT_OK, EXIT_FAILURE = 0, 1
 
 SEED_DEDUPE = """
@@ -170,14 +173,18 @@ def run_retention_bench(settings: Settings, args: Any) -> int:
             f"warm-up: {sampler.worst('warm-up')})")
         if any(left):
             failures.append("the cleanup left seeded expired rows behind")
-        say(f"\n== maintenance worker on, {args.duration:.0f}s: queue table size")
-        bench.start_child("maintenance", edge_command("worker", "--queues", "maintenance")).wait_for_log(
-            "Worker process is ready for action")
-        sizes = []
+        worker = "off (control run)" if args.no_maintenance else "on"
+        say(f"\n== maintenance worker {worker}, {args.duration:.0f}s: queue table size")
+        maintenance = None
+        if not args.no_maintenance:
+            maintenance = bench.start_child("maintenance", edge_command("worker", "--queues", "maintenance"))
+            maintenance.wait_for_log("Worker process is ready for action")
+        sizes, marks = [], []
         t_phase = time.monotonic()
         while True:
             size, rows, done = db.one(QUEUE_SIZE)
             sizes.append(size)
+            marks.append(time.time())
             say(f"  {time.monotonic() - t_phase:6.0f}s  dramatiq.queue {size:>13,} bytes, {rows:,} rows "
                 f"({done:,} done)")
             if time.monotonic() - t_phase >= args.duration:
@@ -198,13 +205,25 @@ def run_retention_bench(settings: Settings, args: Any) -> int:
             failures.append(f"ingest fell below 90% of {args.rate:,} msg/s during the cleanup")
         phase = db.one(LATENCY_BETWEEN, (t_end - args.duration, t_end))
         say(f"  ingest maintenance   {phase[0] / max(args.duration, 1e-9):,.0f} msg/s, p50 {_ms(phase[1])}, "
-            f"p99 {_ms(phase[2])} ({args.duration:.0f}s with the maintenance worker on)")
+            f"p99 {_ms(phase[2])} ({args.duration:.0f}s, maintenance worker {worker})")
         sampler.stop()
         say(f"  lock waits           longest seen by ingest: warm-up {sampler.worst('warm-up')}, cleanup "
             f"{sampler.worst('cleanup')}, maintenance worker {sampler.worst('maintenance worker')} "
             f"({sampler.samples:,} samples every {LOCK_SAMPLE_SECONDS * 1000:.0f} ms)")
         say(f"  queue table          start {sizes[0]:,} bytes, end {sizes[-1]:,} bytes, "
             f"peak {max(sizes):,} bytes")
+        slow = [(a, b, db.one(LATENCY_BETWEEN, (a, b))[2]) for a, b in zip(marks, marks[1:])]
+        slow = [(a, p99) for a, _, p99 in slow if p99 is not None and p99 > SLOW_P99_SECONDS]
+        say(f"  windows with p99 > {SLOW_P99_SECONDS:.0f}s: " + (", ".join(
+            f"{a - marks[0]:.0f}s ({_ms(p99)})" for a, p99 in slow) if slow else "none"))
+        if maintenance is not None:
+            runs = []
+            for line in maintenance.log().splitlines():
+                m = RUN_LINE.search(line)
+                if m:
+                    at = datetime.strptime(m["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    runs.append(f"{at - marks[0]:.0f}s {m['job']} ({float(m['seconds']):.1f}s)")
+            say("  maintenance runs     " + (", ".join(runs) or "none"))
     except KeyboardInterrupt:
         say("\ninterrupted: stopping everything the benchmark started")
         return EXIT_FAILURE

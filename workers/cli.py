@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--duration", type=float, default=60, help="seconds of the queue-size phase (default 60; "
                                                               "600 for the 10-minute run)")
     a.add_argument("--warmup", type=float, default=10, help="seconds of ingest before the cleanup (default 10)")
+    a.add_argument("--no-maintenance", action="store_true",
+                   help="control run: no maintenance worker in the queue-size phase")
     a.add_argument("--cleanup-max", type=float, default=300,
                    help="seconds of messages planned for the cleanup phase (default 300)")
     a.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
