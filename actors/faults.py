@@ -5,7 +5,9 @@ point, the way a power cut or an OOM kill would: no cleanup, no flush. Unset in
 production, where `crash_point` costs one dictionary lookup.
 
 Points: bridge.before_commit, bridge.after_commit (before the PUBACKs),
-ingest.before_commit.
+ingest.before_commit, scheduler.before_commit / scheduler.after_commit (a tick
+that enqueues), retention.media_files_removed (files of a page deleted, their
+rows not yet).
 """
 
 import os

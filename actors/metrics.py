@@ -25,3 +25,31 @@ AGG_LAG = Gauge("farmiq_edge_aggregation_lag_seconds",
 AGG_FAILURES = Counter("farmiq_edge_aggregation_failures_total",
                        "Aggregates set aside in telemetry_agg_failed (the rest flowed on).",
                        ["stage", "reason"])
+
+# Scheduler and maintenance (workers/scheduler.py, actors/retention.py). `job`
+# is one of actors.retention.JOBS, `table` one of the tables retention deletes from.
+SCHEDULER_LEADING = Gauge("farmiq_edge_scheduler_leading",
+                          "1 while this scheduler replica holds the leader lock.")
+RETENTION_LAST_SUCCESS = Gauge("farmiq_edge_retention_last_success_timestamp_seconds",
+                               "When the maintenance job last succeeded (Unix time).", ["job"],
+                               multiprocess_mode="max")
+RETENTION_INTERVAL = Gauge("farmiq_edge_retention_interval_seconds",
+                           "The maintenance job's schedule interval (alerts compare with it).", ["job"],
+                           multiprocess_mode="max")
+RETENTION_DURATION = Gauge("farmiq_edge_retention_last_duration_seconds",
+                           "Duration of the maintenance job's last run.", ["job"],
+                           multiprocess_mode="mostrecent")
+RETENTION_ROWS = Counter("farmiq_edge_retention_deleted_rows_total",
+                         "Rows deleted by maintenance jobs.", ["job", "table"])
+RETENTION_FILES = Counter("farmiq_edge_retention_deleted_files_total",
+                          "Media and stale temporary files deleted by maintenance jobs.", ["job"])
+RETENTION_BYTES = Counter("farmiq_edge_retention_deleted_bytes_total",
+                          "Bytes of files deleted by maintenance jobs.", ["job"])
+RETENTION_MISSING_FILES = Counter("farmiq_edge_retention_missing_files_total",
+                                  "Expired media rows whose file was already gone.", ["job"])
+RETENTION_HELD_ROWS = Gauge("farmiq_edge_retention_held_back_rows",
+                            "Expired rows kept by the sync gate (or open sessions, for media).",
+                            ["table"], multiprocess_mode="mostrecent")
+RETENTION_HELD_SINCE = Gauge("farmiq_edge_retention_held_back_since_timestamp_seconds",
+                             "Oldest time the sync gate holds back from deletion (0: nothing held).",
+                             ["table"], multiprocess_mode="mostrecent")

@@ -41,6 +41,17 @@ class Settings(BaseSettings):
 
     sync_telemetry: Literal["agg", "raw", "both"] = "agg"
 
+    # Retention and maintenance (actors/retention.py, `farmiq-edge retention`).
+    # Sync gate: raw telemetry the cloud may not have yet is kept past its window.
+    retention_require_sync: bool = True
+    # Media of sessions that are not finalized expire only when this is true.
+    retention_media_include_open: bool = False
+    # Queue store: done messages (left by the old broker) and rejected ones.
+    retention_queue_done_minutes: int = Field(default=5, ge=1, le=1440)
+    retention_queue_rejected_days: int = Field(default=30, ge=1, le=365)
+    # Temporary/staging media files older than this are debris of a crashed write.
+    retention_temp_file_hours: int = Field(default=6, ge=1, le=168)
+
     # Ingress validation (SPEC §1).
     # An ISO 8601 duration, e.g. PT24H.
     max_clock_skew: timedelta = Field(default=timedelta(hours=24), gt=timedelta(0), le=timedelta(days=7))

@@ -159,3 +159,13 @@ ingress_dead_letters = Table(
     Column("detail", Text, nullable=False),
     Column("received_at", _tz(), nullable=False),
 )
+
+scheduled_jobs = Table(
+    "scheduled_jobs", metadata,
+    Column("job", Text, primary_key=True),
+    Column("every_seconds", Float, nullable=False),
+    Column("last_slot_at", _tz(), nullable=False),
+    Column("last_enqueued_at", _tz(), nullable=False),
+    Column("last_success_at", _tz()),
+    Column("last_report", JSONB),
+)

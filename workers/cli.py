@@ -19,9 +19,10 @@ import sqlalchemy.exc
 from models.settings import Settings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANNOT_CONNECT = 0, 1, 2, 3
-QUEUES = ("ingest", "aggregate")
+QUEUES = ("ingest", "aggregate", "maintenance")
 # Actor modules by queue: `farmiq-edge worker --queues X` imports only these.
-ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate"}
+ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate",
+                 "maintenance": "actors.retention"}
 
 log = logging.getLogger("farmiq_edge")
 
@@ -118,10 +119,18 @@ def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     return operator.outbox(settings, args)
 
 
+def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.retention import retention
+    return retention(settings, args)
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.what == "queue":
         from workers.bench_queue import run_queue_bench
         return run_queue_bench(settings, args)
+    if args.what == "retention":
+        from workers.bench_retention import run_retention_bench
+        return run_retention_bench(settings, args)
     from workers.bench import run_bench
     return run_bench(settings, args)
 
@@ -203,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("event_ids", nargs="*", help="event ids (default: needs --all)")
     a.add_argument("--all", action="store_true", help="every failed event")
 
+    p = command("retention", cmd_retention, "maintenance jobs by hand: run (or --dry-run), status")
+    retention = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = retention.add_parser("run", help="run maintenance jobs now, print what each deleted",
+                             description="run maintenance jobs now, print what each deleted")
+    a.add_argument("--job", choices=("partitions", "media", "outbox", "dedupe", "queue"),
+                   help="only this job (default: all)")
+    a.add_argument("--dry-run", action="store_true", help="print what would be deleted, change nothing")
+    retention.add_parser("status", help="rows, oldest row, bytes per table; what the sync gate holds back",
+                         description="rows, oldest row, bytes per table; what the sync gate holds back")
+
     p = command("bench", cmd_bench, "benchmarks that print figures (see `farmiq-edge bench ingest --help`)")
     bench = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     a = bench.add_parser("ingest", help="MQTT → PostgreSQL ingest throughput, latency, memory",
@@ -223,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     a.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8)")
     a.add_argument("--timeout", type=float, default=600, help="seconds allowed per drain (default 600)")
+    a = bench.add_parser("retention", help="maintenance under ingest load: cleanup time, lock waits, p99",
+                         description="1M expired dedupe rows and 1M done queue rows cleaned while ingest "
+                                     "runs; then the queue table's size with the maintenance worker on")
+    a.add_argument("--rate", type=int, default=2000, help="offered telemetry msg/s (default 2,000)")
+    a.add_argument("--seed-rows", type=int, default=1_000_000, help="expired rows seeded per table (default 1M)")
+    a.add_argument("--duration", type=float, default=60, help="seconds of the queue-size phase (default 60; "
+                                                              "600 for the 10-minute run)")
+    a.add_argument("--warmup", type=float, default=10, help="seconds of ingest before the cleanup (default 10)")
+    a.add_argument("--no-maintenance", action="store_true",
+                   help="control run: no maintenance worker in the queue-size phase")
+    a.add_argument("--cleanup-max", type=float, default=300,
+                   help="seconds of messages planned for the cleanup phase (default 300)")
+    a.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
+    a.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     return parser
 
 

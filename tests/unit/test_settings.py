@@ -37,3 +37,14 @@ def test_in_range_values_are_taken(monkeypatch):
     monkeypatch.setenv("EDGE_SYNC_TELEMETRY", "both")
     s = load_settings()
     assert (s.retention_raw_days, s.sync_telemetry) == (90, "both")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("EDGE_RETENTION_QUEUE_DONE_MINUTES", "0"), ("EDGE_RETENTION_QUEUE_REJECTED_DAYS", "400"),
+    ("EDGE_RETENTION_TEMP_FILE_HOURS", "0"), ("EDGE_RETENTION_REQUIRE_SYNC", "perhaps"),
+    ("EDGE_RETENTION_MEDIA_INCLUDE_OPEN", "sometimes"),
+])
+def test_bad_maintenance_settings_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=name):
+        load_settings()
