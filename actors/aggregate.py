@@ -32,6 +32,7 @@ import actors.log_hygiene  # noqa: F401 - no payloads or SQL values in dramatiq'
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from actors.database_outage import ride_out_database_outage
 from actors.metrics import AGG_BUCKETS_WRITTEN, AGG_FAILURES, AGG_LAG
 from models.ids import new_id
 from models.messages import METRIC_VALUE_BOUND
@@ -63,6 +64,7 @@ OLDEST_PENDING_AGE = text("""
 
 
 @dramatiq.actor(queue_name="aggregate", max_retries=10, time_limit=300_000)
+@ride_out_database_outage
 def aggregate_pending() -> None:
     settings = get_settings()
     emit = settings.sync_telemetry in ("agg", "both")

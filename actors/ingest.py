@@ -23,6 +23,7 @@ from sqlalchemy import Connection, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from actors.dead_letters import PermanentError
+from actors.database_outage import ride_out_database_outage
 from actors.faults import crash_point
 from actors.metrics import INGRESS_ACCEPTED, INGRESS_DUPLICATES, INGRESS_REJECTED
 from models.dead_letters import dead_letter_row
@@ -66,6 +67,7 @@ class IngestResult:
 
 
 @dramatiq.actor(queue_name="ingest", max_retries=10)
+@ride_out_database_outage
 def ingest_batch(events: list[dict[str, Any]]) -> None:
     try:
         parsed = INGRESS_EVENTS.validate_python(events)

@@ -1,5 +1,7 @@
-"""End-to-end fixtures: a private Mosquitto (project config) and farmiq-edge processes."""
+"""End-to-end fixtures: a private Mosquitto (project config), a private PostgreSQL, farmiq-edge processes."""
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,7 +9,9 @@ import pytest
 
 from tests.support.processes import edge_env, wait_until
 from workers.processes import EdgeProcess, edge_command
+from schema.migrate import migrate
 from tests.support.services import burst_mqtt
+from workers.embedded import start_postgres
 
 
 @pytest.fixture
@@ -57,3 +61,16 @@ def pipeline(db_url, mqtt_broker, tmp_path) -> Iterator:
     yield make
     for p in pipelines:
         p.stop_all()
+
+
+@pytest.fixture
+def private_pg():
+    # Under /tmp itself: as root, pgserver runs PostgreSQL as another user,
+    # which cannot enter pytest's private tmp_path.
+    data_dir = Path(tempfile.mkdtemp(prefix="farmiq-test-outage-")) / "pgdata"
+    service = start_postgres(data_dir)
+    migrate(service.url)
+    holder = {"service": service, "restart": lambda: start_postgres(data_dir)}
+    yield holder
+    holder["service"].stop()
+    shutil.rmtree(data_dir.parent, ignore_errors=True)

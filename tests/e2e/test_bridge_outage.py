@@ -13,26 +13,18 @@ No ingest worker runs: the queue rows stay, and are what is counted.
 import base64
 import os
 import random
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import psutil
-import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from models.settings import Settings
-from schema.migrate import migrate
 from tests.e2e.conftest import Pipeline
 from tests.support.corpus import media_payload, telemetry_payload, topic
 from tests.support.processes import scalar, wait_until
-from tests.support.publisher import publish_all
-from workers.embedded import start_postgres
+from tests.support.publisher import PacedPublisher, publish_all
 
 OUTAGE_SECONDS = float(os.environ.get("EDGE_TEST_DB_OUTAGE_SECONDS", "15"))
 RATE = 200  # messages/s, before, during and after the outage
@@ -40,50 +32,6 @@ QUEUED_EVENT_IDS = ("SELECT count(DISTINCT e->>'event_id') FROM dramatiq.queue q
                     "jsonb_array_elements(q.message->'args'->0) e WHERE q.queue_name = 'ingest'")
 QUEUED_EVENTS = ("SELECT coalesce(sum(jsonb_array_length(message->'args'->0)), 0) "
                  "FROM dramatiq.queue WHERE queue_name = 'ingest'")
-
-
-@pytest.fixture
-def private_pg():
-    # Under /tmp itself: as root, pgserver runs PostgreSQL as another user,
-    # which cannot enter pytest's private tmp_path.
-    data_dir = Path(tempfile.mkdtemp(prefix="farmiq-test-outage-")) / "pgdata"
-    service = start_postgres(data_dir)
-    migrate(service.url)
-    holder = {"service": service, "restart": lambda: start_postgres(data_dir)}
-    yield holder
-    holder["service"].stop()
-    shutil.rmtree(data_dir.parent, ignore_errors=True)
-
-
-class PacedPublisher(threading.Thread):
-    """QoS 1 at `rate` messages/s; `acked` counts PUBACKs from the broker."""
-
-    def __init__(self, mqtt_url: str, messages: list[tuple[str, bytes]], rate: float) -> None:
-        super().__init__(daemon=True)
-        self.messages, self.rate, self.acked = messages, rate, 0
-        host, port = mqtt_url.removeprefix("mqtt://").split(":")
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.max_inflight_messages_set(200)
-        self.client.max_queued_messages_set(0)
-        self.client.on_publish = self._on_publish
-        self.client.connect(host, int(port))
-        self.client.loop_start()
-
-    def _on_publish(self, *_: object) -> None:
-        self.acked += 1
-
-    def run(self) -> None:
-        started = time.monotonic()
-        for i, (t, payload) in enumerate(self.messages):
-            time.sleep(max(0.0, started + i / self.rate - time.monotonic()))
-            self.client.publish(t, payload, qos=1)
-
-    def finish(self) -> None:
-        self.join(300)
-        wait_until(lambda: self.acked == len(self.messages), 60, "the broker to ack every publish")
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_database_stopped_under_load_no_crash_no_loss(private_pg, mqtt_broker, tmp_path):
