@@ -676,13 +676,13 @@ def make_case(seq: int, category: str, rng: random.Random, ctx: Context) -> Case
 
 def bad_corpus(count: int, *, seed: int, now: datetime, limits: Limits,
                categories: list[str] | None = None) -> list[Case]:
-    """`count` bad messages, shared evenly by weight over `categories` (default: all)."""
+    """`count` bad messages, shared evenly over `categories` (default: all)."""
     names = categories or list(CATEGORIES)
     unknown = set(names) - set(CATEGORIES)
     if unknown:
         raise ValueError(f"unknown fuzz categories: {', '.join(sorted(unknown))}")
     ctx = Context(now, limits)
-    order = [names[i % len(names)] for i in range(count)] if count >= len(names) else names[:count]
+    order = [names[i % len(names)] for i in range(count)]
     rng = random.Random(seed)
     rng.shuffle(order)
     return [make_case(seq, category, random.Random(f"{seed}:{seq}"), ctx)
