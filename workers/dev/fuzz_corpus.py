@@ -689,8 +689,29 @@ def bad_corpus(count: int, *, seed: int, now: datetime, limits: Limits,
             for seq, category in enumerate(order)]
 
 
-def valid_traffic(count: int, *, seed: int, now: datetime, media_share: float = 0.05) -> list[Valid]:
-    """`count` valid messages: telemetry, session start/finalize pairs and a few frames.
+def _edge_telemetry(rng: random.Random, now: datetime, i: int) -> tuple[str, dict[str, Any], datetime]:
+    """Valid telemetry at SPEC's bounds: extreme values and spellings, the longest ids."""
+    body = telemetry_body(rng, now, readings=rng.choice([1, 100]))
+    for reading in body["readings"]:
+        reading["metric_value"] = rng.choice([METRIC_VALUE_BOUND, -METRIC_VALUE_BOUND, 0.0, -0.0, 5e-324,
+                                              -2.2250738585072014e-308, 123456789.123456789, 1])
+        reading["metric_type"] = rng.choice(["t", "m" * 32, "a.b_c-d/e%", "%"])
+        reading["unit"] = rng.choice(["%", "u" * 32, "m/s", "-"])
+    occurred = rng.choice([EARLIEST, now + timedelta(minutes=30), now - timedelta(days=400),
+                           now - timedelta(minutes=30)]) + timedelta(microseconds=i)
+    offset = timezone(timedelta(minutes=rng.choice([0, 14 * 60, -12 * 60, 330, -570])))
+    text = occurred.astimezone(offset).isoformat()
+    body["occurred_at"] = rng.choice([text, text.replace("T", "t"), text.replace("T", " ")])
+    if rng.random() < 0.5:
+        body["trace_id"] = rng.choice(["é" * 64, "🐔" * 64, "\\\"'{}", "\u2028 \u00a0", "x" * 64])
+    device = f"ok-e{i:07d}" + "x" * rng.choice([0, 52])  # up to the 64-character limit
+    return device, body, occurred
+
+
+def valid_traffic(count: int, *, seed: int, now: datetime, media_share: float = 0.05,
+                  edge_share: float = 0.1) -> list[Valid]:
+    """`count` valid messages: telemetry (`edge_share` of it at SPEC's bounds),
+    session start/finalize pairs and a few frames.
 
     Each telemetry message has its own (device, occurred_at), so its raw rows can be
     counted exactly; each session event has its own outbox event.
@@ -714,6 +735,10 @@ def valid_traffic(count: int, *, seed: int, now: datetime, media_share: float = 
             for body, kind in ((start, "weighvision.session.created"), (finalize, "weighvision.session.finalized")):
                 out.append(Valid(topic("session", device), encode(body), "session", body["event_id"], device,
                                  datetime.fromisoformat(body["occurred_at"]), outbox_type=kind))
+        elif roll < media_share + 0.15 + edge_share:
+            device, body, occurred = _edge_telemetry(rng, now, i)
+            out.append(Valid(topic("telemetry", device), encode(body), "telemetry", body["event_id"], device,
+                             occurred, readings=len(body["readings"]), outbox_type="telemetry.ingested"))
         else:
             body = telemetry_body(rng, now)
             occurred = now - timedelta(minutes=30, microseconds=i)  # unique per message

@@ -74,13 +74,13 @@ def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
     return first & 0xF0, _read_exactly(sock, length) if length else b""
 
 
-def publish_packet(topic: bytes, payload: bytes, packet_id: int) -> bytes:
+def publish_packet(topic: bytes, payload: bytes, packet_id: int, *, retain: bool = False) -> bytes:
     body = _string(topic) + struct.pack("!H", packet_id) + payload
-    return b"\x32" + _varint(len(body)) + body  # PUBLISH, QoS 1
+    return bytes([0x32 | retain]) + _varint(len(body)) + body  # PUBLISH, QoS 1
 
 
 def publish_all(mqtt_url: str, messages: Iterable[tuple[bytes, bytes]], *, window: int = 500,
-                timeout: float = 120) -> int:
+                timeout: float = 120, retain: bool = False) -> int:
     """Publish QoS 1 on one connection; return once every message is PUBACKed (their count)."""
     sock = _connect(mqtt_url, timeout)
     free = threading.Semaphore(window)
@@ -105,7 +105,7 @@ def publish_all(mqtt_url: str, messages: Iterable[tuple[bytes, bytes]], *, windo
         for topic, payload in messages:
             if not free.acquire(timeout=timeout) or failed:
                 raise ConnectionError(f"broker stopped acknowledging after {acked[0]} of {sent}: {failed}")
-            sock.sendall(publish_packet(topic, payload, sent % 65535 + 1))
+            sock.sendall(publish_packet(topic, payload, sent % 65535 + 1, retain=retain))
             sent += 1
         deadline = time.monotonic() + timeout
         while acked[0] < sent and not failed and time.monotonic() < deadline:
