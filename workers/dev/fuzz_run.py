@@ -43,9 +43,11 @@ def interleave(cases: list[Case], valid: list[Valid], seed: int) -> list[Case | 
     return stream
 
 
-def send(mqtt_url: str, stream: list[Case | Valid], progress: Callable[[int], None] | None = None) -> dict[int, bool]:
-    """Publish everything in order; refused topics go on connections of their own.
-    Returns {case seq: refused by the broker} for the refused-topic cases."""
+def send(mqtt_url: str, stream: list[Case | Valid], progress: Callable[[int], None] | None = None,
+         qos0_every: int = 0) -> dict[int, bool]:
+    """Publish everything in order (every `qos0_every`-th at QoS 0, else QoS 1); refused
+    topics go on connections of their own. Returns {case seq: refused by the broker}
+    for the refused-topic cases."""
     refused: dict[int, bool] = {}
 
     def deliverable():
@@ -55,7 +57,7 @@ def send(mqtt_url: str, stream: list[Case | Valid], progress: Callable[[int], No
                 continue
             if progress and n % 1000 == 0:
                 progress(n)
-            yield item.topic, item.payload
+            yield item.topic, item.payload, 0 if qos0_every and n % qos0_every == 0 else 1
 
     mqtt_raw.publish_all(mqtt_url, deliverable())
     return refused

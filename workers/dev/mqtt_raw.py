@@ -74,14 +74,16 @@ def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
     return first & 0xF0, _read_exactly(sock, length) if length else b""
 
 
-def publish_packet(topic: bytes, payload: bytes, packet_id: int, *, retain: bool = False) -> bytes:
-    body = _string(topic) + struct.pack("!H", packet_id) + payload
-    return bytes([0x32 | retain]) + _varint(len(body)) + body  # PUBLISH, QoS 1
+def publish_packet(topic: bytes, payload: bytes, packet_id: int, *, retain: bool = False, qos: int = 1) -> bytes:
+    """PUBLISH at QoS 1 (or 0: no packet id, no PUBACK)."""
+    body = _string(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return bytes([0x30 | qos << 1 | retain]) + _varint(len(body)) + body
 
 
-def publish_all(mqtt_url: str, messages: Iterable[tuple[bytes, bytes]], *, window: int = 500,
-                timeout: float = 120, retain: bool = False) -> int:
-    """Publish QoS 1 on one connection; return once every message is PUBACKed (their count)."""
+def publish_all(mqtt_url: str, messages: Iterable[tuple[bytes, bytes] | tuple[bytes, bytes, int]], *,
+                window: int = 500, timeout: float = 120, retain: bool = False) -> int:
+    """Publish on one connection, QoS 1 unless a message says 0 (topic, payload, qos);
+    return once every QoS 1 message is PUBACKed (their count)."""
     sock = _connect(mqtt_url, timeout)
     free = threading.Semaphore(window)
     acked = [0]
@@ -102,7 +104,10 @@ def publish_all(mqtt_url: str, messages: Iterable[tuple[bytes, bytes]], *, windo
     reader.start()
     sent = 0
     try:
-        for topic, payload in messages:
+        for topic, payload, *qos in messages:
+            if qos == [0]:
+                sock.sendall(publish_packet(topic, payload, 0, retain=retain, qos=0))
+                continue
             if not free.acquire(timeout=timeout) or failed:
                 raise ConnectionError(f"broker stopped acknowledging after {acked[0]} of {sent}: {failed}")
             sock.sendall(publish_packet(topic, payload, sent % 65535 + 1, retain=retain))
