@@ -12,8 +12,8 @@ from datetime import datetime
 from hypothesis import strategies as st
 
 from models.messages import KINDS
-from workers.dev.fuzz_corpus import (CATEGORIES, Case, Context, Limits, encode, make_case, media_body,
-                                     session_body, telemetry_body, topic)
+from workers.dev.fuzz_corpus import (CATEGORIES, Case, Context, Limits, edge_telemetry, encode, make_case,
+                                     media_body, session_body, telemetry_body, topic)
 
 _SEGMENTS = ["fuzz-tenant", "a", "b-1", "x" * 64, "x" * 65, "", ".", "..", "ä", "a b", "c\n", "+", "#",
              "\udcff", "fz_0000001", "-a", "_a", "🐔"]
@@ -35,10 +35,11 @@ def valid_payloads(now: datetime) -> st.SearchStrategy[tuple[str, bytes]]:
     def build(kind: str, seed: int) -> tuple[str, bytes]:
         rng = random.Random(seed)
         body = {"telemetry": lambda: telemetry_body(rng, now),
+                "edge": lambda: edge_telemetry(rng, now, seed % 10**6)[1],
                 "session": lambda: session_body(rng, now, rng.choice(["start", "finalize", "cancel"])),
                 "media": lambda: media_body(rng, now, _ctx(now).images)}[kind]()
-        return kind, encode(body)
-    return st.builds(build, st.sampled_from(KINDS), st.integers(0, 2**32))
+        return kind.replace("edge", "telemetry"), encode(body)
+    return st.builds(build, st.sampled_from([*KINDS, "edge"]), st.integers(0, 2**32))
 
 
 def mutated_payloads(now: datetime) -> st.SearchStrategy[bytes]:

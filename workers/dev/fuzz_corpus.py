@@ -689,7 +689,7 @@ def bad_corpus(count: int, *, seed: int, now: datetime, limits: Limits,
             for seq, category in enumerate(order)]
 
 
-def _edge_telemetry(rng: random.Random, now: datetime, i: int) -> tuple[str, dict[str, Any], datetime]:
+def edge_telemetry(rng: random.Random, now: datetime, i: int) -> tuple[str, dict[str, Any], datetime]:
     """Valid telemetry at SPEC's bounds: extreme values and spellings, the longest ids."""
     body = telemetry_body(rng, now, readings=rng.choice([1, 100]))
     for reading in body["readings"]:
@@ -736,7 +736,7 @@ def valid_traffic(count: int, *, seed: int, now: datetime, media_share: float = 
                 out.append(Valid(topic("session", device), encode(body), "session", body["event_id"], device,
                                  datetime.fromisoformat(body["occurred_at"]), outbox_type=kind))
         elif roll < media_share + 0.15 + edge_share:
-            device, body, occurred = _edge_telemetry(rng, now, i)
+            device, body, occurred = edge_telemetry(rng, now, i)
             out.append(Valid(topic("telemetry", device), encode(body), "telemetry", body["event_id"], device,
                              occurred, readings=len(body["readings"]), outbox_type="telemetry.ingested"))
         else:
