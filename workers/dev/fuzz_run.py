@@ -7,7 +7,8 @@ ingest` processes) and by tests/e2e/test_fuzz.py (the e2e Pipeline).
 Accounting, by marker and by event id:
 - every bad message the broker delivers maps to exactly one row of
   ingress_dead_letters, with a reason from REJECT_REASONS, and (where main and
-  SPEC agree, `Case.pending` empty) a reason from its `Case.expected`;
+  SPEC agree, `Case.pending` empty) a reason from its `Case.expected`; its
+  topic and payload (first 64 KiB) are the bytes sent;
 - a topic Mosquitto refuses (`Case.refused`) gets no PUBACK, its connection is
   closed, and no dead letter or row names it;
 - no dead letter without a marker (valid traffic is never dead-lettered);
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import psycopg2
 
+from models.dead_letters import MAX_DEAD_LETTER_PAYLOAD
 from models.messages import REJECT_REASONS
 from workers.dev import mqtt_raw
 from workers.dev.fuzz_corpus import TENANT, Case, Valid, markers_in
@@ -161,6 +163,7 @@ def verify(db_url: str, cases: list[Case], valid: list[Valid], refused: dict[int
     by_seq = {c.seq: c for c in cases}
 
     letters: dict[int, list[str]] = defaultdict(list)
+    altered: set[int] = set()  # dead letters whose topic or payload differ from what was sent
     unmatched = 0
     conn = psycopg2.connect(db_url)
     try:
@@ -172,7 +175,11 @@ def verify(db_url: str, cases: list[Case], valid: list[Valid], refused: dict[int
                 if len(seqs) != 1 or next(iter(seqs)) not in by_seq:
                     unmatched += 1
                     continue
-                letters[next(iter(seqs))].append(reason)
+                seq = next(iter(seqs))
+                letters[seq].append(reason)
+                sent = by_seq[seq]
+                if bytes(payload) != sent.payload[:MAX_DEAD_LETTER_PAYLOAD] or topic != sent.topic.decode()[:1024]:
+                    altered.add(seq)
     finally:
         conn.close()
     if unmatched:
@@ -203,6 +210,8 @@ def verify(db_url: str, cases: list[Case], valid: list[Valid], refused: dict[int
                     issues.append(f"reason {got[0]} (SPEC: {'/'.join(sorted(c.expected))})")
             else:
                 issues.append(f"{len(got)} dead letters, want 1")
+            if c.seq in altered:
+                issues.append("dead letter's topic or payload differ from the bytes received")
             if c.event_id in accepted_bad:
                 row.accepted += 1
                 issues.append("accepted as a valid event")
