@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EDGE_MEDIA_MAX_BYTES for the run (default 65536: oversized stays cheap)")
     a.add_argument("--max-payload-bytes", type=int, default=32 * 1024,
                    help="EDGE_MAX_PAYLOAD_BYTES for the run (default 32768)")
+    a.add_argument("--qos0-every", type=int, default=0, metavar="N",
+                   help="publish every N-th message at QoS 0 (a misconfigured device; default 0: none)")
     a.add_argument("--timeout", type=float, default=600, help="seconds allowed to settle (default 600)")
     return parser
 
