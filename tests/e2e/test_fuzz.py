@@ -10,6 +10,8 @@ The full run (10,000+ bad messages) is `farmiq-edge bench fuzz`.
 """
 
 import time
+
+import pytest
 from datetime import datetime, timezone
 
 from tests.support.processes import scalar
@@ -71,9 +73,9 @@ def test_fuzz_spec_limits_of_issue_12(pipeline, db_url):
     assert outcome.tracebacks == {"bridge": 0, "worker": 0}
 
 
-def test_retained_bad_messages_are_dead_lettered_once_across_bridge_restarts(pipeline, db_url):
-    # FAILS on main (workers/bridge.py, being changed on the `bridge` branch; not
-    # fixed here): a device that publishes with the RETAIN flag leaves its message
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_retained_bad_messages_are_dead_lettered_once_across_bridge_restarts(pipeline, db_url, protocol):
+    # Regression (workers/bridge.py _on_connect): a device that publishes with the RETAIN flag leaves its message
     # in the broker, and Mosquitto sends retained messages again on every SUBSCRIBE;
     # the bridge subscribes on every connect, so each restart dead-letters every
     # retained bad message once more (measured: 9 dead letters, 18 after one
@@ -85,7 +87,7 @@ def test_retained_bad_messages_are_dead_lettered_once_across_bridge_restarts(pip
     now = datetime.now(timezone.utc)
     cases = [c for c in bad_corpus(200, seed=SEED, now=now, limits=LIMITS) if not c.refused and not c.pending][:40]
     valid = valid_traffic(40, seed=SEED, now=now)
-    p = pipeline(EDGE_SYNC_TELEMETRY="raw", **LIMITS.env())
+    p = pipeline(EDGE_SYNC_TELEMETRY="raw", EDGE_MQTT_PROTOCOL=protocol, **LIMITS.env())
     bridge = p.bridge()
     worker = p.worker()
     mqtt_raw.publish_all(p.env["EDGE_MQTT_URL"], [(m.topic, m.payload) for m in [*cases, *valid]], retain=True)
@@ -104,8 +106,7 @@ def test_retained_bad_messages_are_dead_lettered_once_across_bridge_restarts(pip
 
 
 def test_qos0_publishes_do_not_disconnect_the_bridge(pipeline, db_url):
-    # FAILS on main (workers/bridge.py `_ack`, being changed on the `bridge` branch;
-    # not fixed here): SPEC says devices publish at QoS 1, but one that publishes at
+    # Regression (workers/bridge.py `_ack`): SPEC says devices publish at QoS 1, but one that publishes at
     # QoS 0 gets its message delivered to the bridge at QoS 0 (mid 0), and the
     # bridge acks every delivery as QoS 1: PUBACK with packet id 0, a protocol
     # error for Mosquitto, which disconnects the bridge ("event=mqtt_disconnected
