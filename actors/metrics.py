@@ -5,7 +5,7 @@ set by `farmiq-edge worker` before anything imports prometheus_client); the brid
 single process with its own exposition server.
 """
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 INGRESS_ACCEPTED = Counter("farmiq_edge_ingress_accepted_total",
                            "MQTT events that took effect (first delivery).", ["kind"])
@@ -22,3 +22,24 @@ AGG_BUCKETS_WRITTEN = Counter("farmiq_edge_aggregation_buckets_written_total",
 AGG_LAG = Gauge("farmiq_edge_aggregation_lag_seconds",
                 "Age of the oldest telemetry_agg_pending row after the last aggregation run.",
                 multiprocess_mode="max")
+
+# Outbox forwarder (actors/outbox.py). Backlog gauges come from one query every
+# BACKLOG_REFRESH_SECONDS; the most recent value of any live process is the truth.
+OUTBOX_EVENTS = Counter("farmiq_edge_outbox_events_total",
+                        "Outbox events by what became of them: sent (in a POST), acked, failed "
+                        "(rejected by the cloud), released (back to pending after a failed POST), "
+                        "reclaimed (left claimed by a dead forwarder).", ["result"])
+OUTBOX_BATCHES = Counter("farmiq_edge_outbox_batches_total",
+                         "Batch POSTs by outcome (ok, throttled, server_error, client_error, network).",
+                         ["outcome"])
+OUTBOX_BATCH_SECONDS = Histogram("farmiq_edge_outbox_batch_seconds",
+                                 "Round trip of one batch POST (request sent → answer read).",
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+OUTBOX_BACKLOG = Gauge("farmiq_edge_outbox_backlog_events", "Outbox events not acked, by status.",
+                       ["status"], multiprocess_mode="livemostrecent")
+OUTBOX_OLDEST_PENDING = Gauge("farmiq_edge_outbox_oldest_pending_seconds",
+                              "Age of the oldest pending outbox event (0 when none).",
+                              multiprocess_mode="livemostrecent")
+OUTBOX_PAUSED_TENANTS = Gauge("farmiq_edge_outbox_paused_tenants",
+                              "Tenants whose sync is paused (sync_state.paused_until in the future).",
+                              multiprocess_mode="livemostrecent")

@@ -28,7 +28,9 @@ class Job:
 
 def jobs() -> list[Job]:
     from actors.aggregate import aggregate_pending
-    return [Job("aggregate", 1.0, aggregate_pending.send)]
+    from actors.outbox import forward_outbox
+    return [Job("aggregate", 1.0, aggregate_pending.send),
+            Job("outbox", 1.0, forward_outbox.send)]
 
 
 def run_scheduler(settings: Settings) -> int:
