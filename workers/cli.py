@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rate", type=int, default=0, help="offered msg/s (default 0: as fast as possible)")
     a.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     a.add_argument("--skip-references", action="store_true", help="skip the naive and bare-MQTT runs")
+    a = bench.add_parser("outbox", help="outbox backlog drained to the reference cloud sink; catch-up delay",
+                         description="a backlog of pending outbox events drained to the reference cloud "
+                                     "sink (events/s, time to empty, forwarder RSS), then the delay from "
+                                     "the sink's return after an outage to the first ack")
+    a.add_argument("--events", type=int, default=1_000_000, help="backlog (default 1,000,000)")
+    a.add_argument("--devices", type=int, default=200, help="devices (default 200)")
+    a.add_argument("--catch-up-events", type=int, default=10_000, help="events during the outage (default 10,000)")
+    a.add_argument("--outage-seconds", type=float, default=20.0, help="outage length (default 20)")
     return parser
 
 
