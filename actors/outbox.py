@@ -16,6 +16,10 @@ cloud dedupes by event id. Rows found `sent` are recovered like `claimed` ones.
 
 Commit points: (1) the claim commits before the POST, so no two forwarders
 ever send one event concurrently; (2) the outcome commits after the answer.
+Both commit with synchronous_commit off (no wait for the WAL flush): a commit
+lost in a database crash only means a claim that never was (the events are
+still pending) or an answer forgotten (the events come back after the
+visibility timeout and are sent again; the cloud dedupes).
 A crash between them leaves events `claimed`; after
 `EDGE_OUTBOX_VISIBILITY_SECONDS` (default 120 s, validated to outlast a live
 claim → POST → record) any run puts them back to `pending` and they are sent
@@ -53,6 +57,9 @@ from dataclasses import dataclass
 import dramatiq
 import psycopg2
 import sqlalchemy.exc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sqlalchemy import Connection, text
 
 from actors.cloud_client import Verdict, client_for
@@ -192,6 +199,7 @@ BACKLOG = text("""
      GROUP BY status
 """)
 PAUSED_TENANTS = text("SELECT count(*) FROM sync_state WHERE paused_until > now()")
+NO_FLUSH_WAIT = text("SET LOCAL synchronous_commit = off")
 
 
 @dramatiq.actor(queue_name="outbox", max_retries=0, time_limit=600_000)
@@ -293,6 +301,13 @@ class Forwarder:
 
     # --- claim, send, record ----------------------------------------------------
 
+    @contextmanager
+    def unit(self) -> Iterator[Connection]:
+        """A transaction of claim or outcome: see "Commit points" above for why no flush wait."""
+        with transaction(self.url) as conn:
+            conn.execute(NO_FLUSH_WAIT)
+            yield conn
+
     def tenants(self) -> list[Tenant]:
         with transaction(self.url) as conn:
             rows = conn.execute(TENANTS).all()
@@ -303,7 +318,7 @@ class Forwarder:
     def claim(self, tenant_id: str) -> Batch | None:
         s = self.settings
         after = self.cursor.get(tenant_id, "")
-        with transaction(self.url) as conn:
+        with self.unit() as conn:
             conn.execute(CLAIM_LOCK, {"key": CLAIM_LOCK_KEY, "tenant": tenant_id})
             rows = self._candidates(conn, tenant_id, after, None, s.outbox_batch_max_events)
             if len(rows) < s.outbox_batch_max_events and after:
@@ -349,7 +364,7 @@ class Forwarder:
             acked_set = {i for i in verdict.acked if i in in_batch and i not in rejected}
             acked = [i for i in batch.ids if i in acked_set]
             rest = [i for i in batch.ids if i not in acked_set and i not in rejected]
-            with transaction(self.url) as conn:
+            with self.unit() as conn:
                 n_acked = conn.execute(ACKED, {"ids": acked}).rowcount if acked else 0
                 n_failed = conn.execute(FAILED, {"ids": list(rejected), "reasons": list(rejected.values())}
                                         ).rowcount if rejected else 0
@@ -365,7 +380,7 @@ class Forwarder:
             log.info("event=outbox_batch_ok tenant=%s batch=%s events=%d acked=%d failed=%d released=%d",
                      tenant_id, batch.batch_id, len(batch.ids), n_acked, n_failed, len(rest))
             return n_acked
-        with transaction(self.url) as conn:
+        with self.unit() as conn:
             conn.execute(RELEASE, {"ids": batch.ids})
             if verdict.kind != "throttled":
                 row = conn.execute(STATE_FAILURE, {

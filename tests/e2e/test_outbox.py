@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_observability_and_scaling import sample, scrape
 from tests.support.processes import scalar, wait_until
 from tests.support.sink import SinkProcess, add_pending, outbox_env
+from workers.embedded import free_port
 from workers.processes import ROOT, EdgeProcess, edge_command
 
 
@@ -184,10 +186,19 @@ def test_rejected_events_fail_with_the_reason_and_redrive(db_url, sink, edge):
     add_pending(db_url, 40, tenants=1, devices=4, event_type="media.stored", tenant_prefix="tenant")
     add_pending(db_url, 500, tenants=1, devices=5, tenant_prefix="other")
     sink.faults(reject_types=["media.stored"])
-    edge.forwarder()
+    metrics_port = free_port()
+    edge.forwarder(EDGE_METRICS_PORT=str(metrics_port))
     edge.scheduler()
     wait_until(lambda: statuses(db_url) == {"acked": 3_500, "failed": 40}, 120,
                "everything but the rejected type acked")
+    metrics = scrape(metrics_port)
+    assert sample(metrics, "farmiq_edge_outbox_events_total", result="acked") == 3_500
+    assert sample(metrics, "farmiq_edge_outbox_events_total", result="failed") == 40
+    assert sample(metrics, "farmiq_edge_outbox_batches_total", outcome="ok") >= 4
+    assert sample(metrics, "farmiq_edge_outbox_batch_seconds_count") >= 4
+    for gauge in ("farmiq_edge_outbox_backlog_events", "farmiq_edge_outbox_oldest_pending_seconds",
+                  "farmiq_edge_outbox_paused_tenants"):
+        assert gauge in metrics
     reasons = scalar(db_url, "SELECT array_agg(DISTINCT last_error) FROM sync_outbox WHERE status = 'failed'")
     assert reasons == ["event type media.stored not accepted (sink --reject-type)"]
     assert edge_ids(db_url, "status = 'failed'") == edge_ids(db_url, "event_type = 'media.stored'")

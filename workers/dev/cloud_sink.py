@@ -13,9 +13,10 @@ Tooling, not a production process: used by the tests, the outbox benchmark,
 Storage: one SQLite file (stdlib), three tables a test can read directly:
 `events` (one row per event id, first batch, arrival order, `out_of_order`
 set when a device's event arrives after a later one of that device),
-`deliveries` (every event of every batch that was read, so a resend shows
-as a second row and batch membership is recorded), `batches` (every POST: its
-arrival and answer times, status, size, gzip).
+`deliveries` (every event of every batch answered 200, so a resend shows as a
+second row and batch membership is recorded), `batches` (every POST: its
+arrival and answer times, tenant, status, size, gzip), `bodies` (each stored
+batch's body as it came over the wire: the payloads, byte for byte).
 
 Faults: --fail-rate (share of batches answered --status, default 503, with
 Retry-After --retry-after), --latency-ms, --reject-type (events of that type
@@ -57,14 +58,15 @@ EVENT_FIELDS = frozenset({"event_id", "tenant_id", "farm_id", "barn_id", "device
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     event_id TEXT PRIMARY KEY, tenant_id TEXT, farm_id TEXT, barn_id TEXT, device_id TEXT,
-    session_id TEXT, event_type TEXT, occurred_at TEXT, trace_id TEXT, payload TEXT,
+    session_id TEXT, event_type TEXT, occurred_at TEXT, trace_id TEXT,
     first_batch_id TEXT, received_at REAL, out_of_order INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS deliveries (batch_id TEXT NOT NULL, event_id TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS deliveries_event_idx ON deliveries (event_id);
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT, idempotency_key TEXT, edge_id TEXT, tenant_id TEXT, received_at REAL, answered_at REAL,
     status INTEGER, events INTEGER, wire_bytes INTEGER, body_bytes INTEGER, gzip INTEGER,
     retry_after REAL);
+-- The body of every batch answered 200, as received (gzip'd or not): the payloads.
+CREATE TABLE IF NOT EXISTS bodies (batch_id TEXT PRIMARY KEY, gzip INTEGER, wire BLOB);
 """
 
 
@@ -104,38 +106,38 @@ class Store:
             o = datetime.fromisoformat(o)
             self.latest[t, d] = max(o, self.latest.get((t, d), o))
 
-    def store(self, batch_id: str, events: list[dict[str, Any]], rejected_types: set[str],
-              now: float) -> tuple[list[str], list[dict[str, str]]]:
+    def store(self, batch_id: str, events: list[dict[str, Any]], times: list[datetime], wire: bytes,
+              gzipped: bool, rejected_types: set[str], now: float) -> tuple[list[str], list[dict[str, str]]]:
         acked, rejected, rows = [], [], []
-        for e in events:
+        for e, occurred in zip(events, times):
             if e["event_type"] in rejected_types:
                 rejected.append({"event_id": e["event_id"],
                                  "reason": f"event type {e['event_type']} not accepted (sink --reject-type)"})
                 continue
             acked.append(e["event_id"])
-            rows.append(e)
+            rows.append((e, occurred))
         with self.lock:
             self.db.execute("BEGIN")
             try:
+                self.db.execute("INSERT OR IGNORE INTO bodies VALUES (?, ?, ?)", (batch_id, int(gzipped), wire))
                 self.db.executemany("INSERT INTO deliveries (batch_id, event_id) VALUES (?, ?)",
                                     [(batch_id, e["event_id"]) for e in events])
                 known = {r[0] for r in self.db.execute(
                     f"SELECT event_id FROM events WHERE event_id IN ({','.join('?' * len(rows))})",
-                    [e["event_id"] for e in rows])} if rows else set()
+                    [e["event_id"] for e, _ in rows])} if rows else set()
                 fresh = []
-                for e in rows:
+                for e, occurred in rows:
                     if e["event_id"] in known:
                         continue
                     known.add(e["event_id"])
                     key = (e["tenant_id"], e["device_id"])
-                    occurred = datetime.fromisoformat(e["occurred_at"])
                     late = key in self.latest and occurred < self.latest[key]
                     if not late:
                         self.latest[key] = occurred
                     fresh.append((e["event_id"], e["tenant_id"], e["farm_id"], e["barn_id"], e["device_id"],
                                   e["session_id"], e["event_type"], e["occurred_at"], e["trace_id"],
-                                  json.dumps(e["payload"], separators=(",", ":")), batch_id, now, int(late)))
-                self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", fresh)
+                                  batch_id, now, int(late)))
+                self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", fresh)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -155,7 +157,8 @@ class Store:
                     "batches": dict(q("SELECT status, count(*) FROM batches GROUP BY status").fetchall())}
 
 
-def parse_batch(body: bytes, idempotency_key: str | None) -> tuple[str, str, list[dict[str, Any]]]:
+def parse_batch(body: bytes, idempotency_key: str | None
+                ) -> tuple[str, str, list[dict[str, Any]], list[datetime]]:
     try:
         doc = json.loads(body)
     except ValueError:
@@ -167,14 +170,15 @@ def parse_batch(body: bytes, idempotency_key: str | None) -> tuple[str, str, lis
     events = doc["events"]
     if not isinstance(events, list) or not 1 <= len(events) <= 1000:
         raise BadRequest(400, "events must be a list of 1..1000")
+    times = []
     for e in events:
         if not isinstance(e, dict) or set(e) != EVENT_FIELDS:
             raise BadRequest(400, "an event must have exactly " + ", ".join(sorted(EVENT_FIELDS)))
         try:
-            datetime.fromisoformat(e["occurred_at"])
+            times.append(datetime.fromisoformat(e["occurred_at"]))
         except (TypeError, ValueError):
             raise BadRequest(400, "occurred_at must be an RFC 3339 time") from None
-    return doc["edge_id"], doc["batch_id"], events
+    return doc["edge_id"], doc["batch_id"], events, times
 
 
 class Sink:
@@ -237,13 +241,14 @@ class Sink:
                     raise BadRequest(400, "Content-Encoding gzip but the body is not gzip") from None
             elif len(raw) > GZIP_OVER_BYTES:
                 raise BadRequest(400, f"bodies over {GZIP_OVER_BYTES} bytes must be gzip'd")
-            edge_id, batch_id, events = parse_batch(body, headers.get("Idempotency-Key"))
+            edge_id, batch_id, events, times = parse_batch(body, headers.get("Idempotency-Key"))
             if faults.fail_rate and random.random() < faults.fail_rate:
                 status, answer = faults.status, {"error": "injected failure"}
                 if faults.retry_after is not None and faults.status in (429, 503):
                     extra["Retry-After"] = f"{faults.retry_after:g}"
             else:
-                acked, rejected = self.store.store(batch_id, events, set(faults.reject_types), received)
+                acked, rejected = self.store.store(batch_id, events, times, raw, gzipped,
+                                                   set(faults.reject_types), received)
                 answer = {"acked": acked, "rejected": rejected}
         except BadRequest as exc:
             status, answer = exc.status, {"error": exc.reason}
