@@ -5,7 +5,8 @@ point, the way a power cut or an OOM kill would: no cleanup, no flush. Unset in
 production, where `crash_point` costs one dictionary lookup.
 
 Points: bridge.before_commit, bridge.after_commit (before the PUBACKs),
-ingest.before_commit.
+ingest.before_commit, outbox.after_claim (claimed, not yet POSTed),
+outbox.after_post (the cloud answered, the answer not yet recorded).
 """
 
 import os

@@ -40,6 +40,9 @@ OUTBOX_BACKLOG = Gauge("farmiq_edge_outbox_backlog_events", "Outbox events not a
 OUTBOX_OLDEST_PENDING = Gauge("farmiq_edge_outbox_oldest_pending_seconds",
                               "Age of the oldest pending outbox event (0 when none).",
                               multiprocess_mode="livemostrecent")
+SYNC_CONSECUTIVE_FAILURES = Gauge("farmiq_edge_sync_consecutive_failures",
+                                  "Highest sync_state.consecutive_failures over the tenants.",
+                                  multiprocess_mode="livemostrecent")
 OUTBOX_PAUSED_TENANTS = Gauge("farmiq_edge_outbox_paused_tenants",
                               "Tenants whose sync is paused (sync_state.paused_until in the future).",
                               multiprocess_mode="livemostrecent")

@@ -65,7 +65,7 @@ from sqlalchemy import Connection, text
 from actors.cloud_client import Verdict, client_for
 from actors.faults import crash_point
 from actors.metrics import (OUTBOX_BACKLOG, OUTBOX_BATCH_SECONDS, OUTBOX_BATCHES, OUTBOX_EVENTS,
-                            OUTBOX_OLDEST_PENDING, OUTBOX_PAUSED_TENANTS)
+                            OUTBOX_OLDEST_PENDING, OUTBOX_PAUSED_TENANTS, SYNC_CONSECUTIVE_FAILURES)
 from models.ids import new_id
 from models.settings import Settings, get_settings
 from schema.db import transaction
@@ -190,7 +190,7 @@ LINK_UP = text("""
 """)
 
 # outbox_backlog: events not acked, by status, with the oldest pending; and
-# how many tenants are paused (the metrics gauges).
+# how many tenants are paused, the most consecutive failures (the gauges).
 BACKLOG = text("""
     SELECT status, count(*) AS n,
            coalesce(extract(epoch FROM now() - min(created_at)), 0)::float AS oldest_age
@@ -198,7 +198,11 @@ BACKLOG = text("""
      WHERE status IN ('pending', 'claimed', 'sent', 'failed')
      GROUP BY status
 """)
-PAUSED_TENANTS = text("SELECT count(*) FROM sync_state WHERE paused_until > now()")
+PAUSED_TENANTS = text("""
+    SELECT count(*) FILTER (WHERE paused_until > now()) AS paused,
+           coalesce(max(consecutive_failures), 0) AS failures
+      FROM sync_state
+""")
 NO_FLUSH_WAIT = text("SET LOCAL synchronous_commit = off")
 
 
@@ -435,11 +439,12 @@ class Forwarder:
             self.last_backlog = time.monotonic()
         with transaction(self.url) as conn:
             rows = {r.status: r for r in conn.execute(BACKLOG)}
-            paused = conn.execute(PAUSED_TENANTS).scalar_one()
+            state = conn.execute(PAUSED_TENANTS).one()
         for status in ("pending", "claimed", "sent", "failed"):
             OUTBOX_BACKLOG.labels(status).set(rows[status].n if status in rows else 0)
         OUTBOX_OLDEST_PENDING.set(rows["pending"].oldest_age if "pending" in rows else 0)
-        OUTBOX_PAUSED_TENANTS.set(paused)
+        OUTBOX_PAUSED_TENANTS.set(state.paused)
+        SYNC_CONSECUTIVE_FAILURES.set(state.failures)
 
 
 _forwarders: dict[int, Forwarder] = {}
