@@ -223,13 +223,6 @@ class Batch:
     body: bytes
 
 
-@dataclass
-class Tenant:
-    tenant_id: str
-    pause_reason: str | None
-    paused_until: float  # time.monotonic(); 0 when not paused
-
-
 class Forwarder:
     """The per-process forwarder: HTTP client, run slots, in-memory throttles and cursors."""
 
@@ -242,6 +235,8 @@ class Forwarder:
         self.lock = threading.Lock()
         self.cursor: dict[str, str] = {}          # tenant -> device the last claim ended on
         self.throttled: dict[str, tuple[float, int]] = {}  # tenant -> (not before, 429/503 count)
+        # tenant -> (paused until, pause_reason) as sync_state says, shared by this process's runs.
+        self.pauses: dict[str, tuple[float, str | None]] = {}
         self.last_probe = 0.0
         self.last_backlog = 0.0
         self.edge_id_json = json.dumps(settings.edge_id)
@@ -261,7 +256,7 @@ class Forwarder:
         self.reclaim()
         self.refresh_backlog()
         acked = 0
-        tenants: list[Tenant] = []
+        tenants: list[str] = []
         while time.monotonic() < deadline:
             if not tenants:
                 tenants = self.tenants()
@@ -273,20 +268,20 @@ class Forwarder:
                 if wait:
                     waits.append(wait)
                     continue
-                batch = self.claim(tenant.tenant_id)
+                batch = self.claim(tenant)
                 if batch is None:
                     tenants.remove(tenant)  # nothing claimable now (empty, or its devices in flight)
                     continue
                 progressed = True
-                acked += self.send(batch, tenant)
+                acked += self.send(batch)
             if progressed:
                 continue
             if not waits:
                 return acked  # devices in flight elsewhere: the next tick looks again
             # Every tenant left waits: for the link probe, a pause, or a Retry-After.
             now = time.monotonic()
-            if any(t.pause_reason in PROBE_REASONS and t.paused_until > now for t in tenants) \
-                    and self.probe():
+            if any(self.pauses.get(t, (0.0, None))[1] in PROBE_REASONS
+                   and self.pauses[t][0] > now for t in tenants) and self.probe():
                 tenants = []
                 continue
             pause = min(waits + [deadline - time.monotonic()])
@@ -295,11 +290,12 @@ class Forwarder:
             tenants = []  # read pauses again: another process may have ended them
         return acked
 
-    def wait_for(self, tenant: Tenant) -> float:
+    def wait_for(self, tenant: str) -> float:
         """Seconds before this process may send for `tenant` again (0: now)."""
         now = time.monotonic()
-        not_before = max(tenant.paused_until, self.throttled.get(tenant.tenant_id, (0.0, 0))[0])
-        if tenant.pause_reason in PROBE_REASONS and tenant.paused_until > now:
+        paused_until, reason = self.pauses.get(tenant, (0.0, None))
+        not_before = max(paused_until, self.throttled.get(tenant, (0.0, 0))[0])
+        if reason in PROBE_REASONS and paused_until > now:
             not_before = min(not_before, max(self.last_probe + PROBE_SECONDS, now + 0.01))
         return max(0.0, not_before - now)
 
@@ -312,12 +308,16 @@ class Forwarder:
             conn.execute(NO_FLUSH_WAIT)
             yield conn
 
-    def tenants(self) -> list[Tenant]:
+    def tenants(self) -> list[str]:
         with transaction(self.url) as conn:
             rows = conn.execute(TENANTS).all()
         now = time.monotonic()
-        return [Tenant(r.tenant_id, r.pause_reason, now + r.paused_for if r.paused_for > 0 else 0.0)
-                for r in rows]
+        for r in rows:
+            if r.paused_for > 0:
+                self.pauses[r.tenant_id] = (now + r.paused_for, r.pause_reason)
+            else:
+                self.pauses.pop(r.tenant_id, None)
+        return [r.tenant_id for r in rows]
 
     def claim(self, tenant_id: str) -> Batch | None:
         s = self.settings
@@ -350,16 +350,16 @@ class Forwarder:
         return conn.execute(CLAIM_CANDIDATES, {"tenant": tenant_id, "after_device": after,
                                                "until_device": until, "limit": limit}).all()
 
-    def send(self, batch: Batch, tenant: Tenant) -> int:
+    def send(self, batch: Batch) -> int:
         OUTBOX_EVENTS.labels("sent").inc(len(batch.ids))
         started = time.monotonic()
         verdict = self.client.post_batch(batch.batch_id, batch.body)
         OUTBOX_BATCH_SECONDS.observe(time.monotonic() - started)
         OUTBOX_BATCHES.labels(verdict.kind).inc()
         crash_point("outbox.after_post")
-        return self.record(batch, verdict, tenant)
+        return self.record(batch, verdict)
 
-    def record(self, batch: Batch, verdict: Verdict, tenant: Tenant) -> int:
+    def record(self, batch: Batch, verdict: Verdict) -> int:
         """Commit point 2: the cloud's answer, in one transaction. Returns events acked."""
         s, tenant_id = self.settings, batch.tenant_id
         if verdict.kind == "ok":
@@ -377,7 +377,7 @@ class Forwarder:
                 conn.execute(STATE_SUCCESS, {"tenant": tenant_id, "batch_id": batch.batch_id,
                                              "last_acked": acked[-1] if acked else None})
             self.throttled.pop(tenant_id, None)
-            tenant.pause_reason, tenant.paused_until = None, 0.0
+            self.pauses.pop(tenant_id, None)
             OUTBOX_EVENTS.labels("acked").inc(n_acked)
             OUTBOX_EVENTS.labels("failed").inc(n_failed)
             OUTBOX_EVENTS.labels("released").inc(len(rest))
@@ -390,7 +390,7 @@ class Forwarder:
                 row = conn.execute(STATE_FAILURE, {
                     "tenant": tenant_id, "batch_id": batch.batch_id, "cap": s.outbox_backoff_max_seconds,
                     "base": BACKOFF_BASE_SECONDS, "error": verdict.error,
-                    "reason": "client_error" if verdict.kind == "client_error" else verdict.kind}).one()
+                    "reason": verdict.kind}).one()
         OUTBOX_EVENTS.labels("released").inc(len(batch.ids))
         if verdict.kind == "throttled":
             count = self.throttled.get(tenant_id, (0.0, 0))[1] + 1
@@ -402,8 +402,7 @@ class Forwarder:
                      "retry_after=%s", tenant_id, batch.batch_id, len(batch.ids), verdict.status, delay,
                      verdict.retry_after)
             return 0
-        tenant.pause_reason = "client_error" if verdict.kind == "client_error" else verdict.kind
-        tenant.paused_until = time.monotonic() + row.paused_for
+        self.pauses[tenant_id] = (time.monotonic() + row.paused_for, verdict.kind)
         log.warning("event=outbox_batch_failed tenant=%s batch=%s events=%d error=%r "
                     "consecutive_failures=%d paused_s=%.1f", tenant_id, batch.batch_id, len(batch.ids),
                     verdict.error, row.consecutive_failures, row.paused_for)
@@ -421,16 +420,20 @@ class Forwarder:
             return False
         with transaction(self.url) as conn:
             ended = [r.tenant_id for r in conn.execute(LINK_UP)]
+        for tenant, (_, reason) in list(self.pauses.items()):
+            if reason in PROBE_REASONS:
+                self.pauses.pop(tenant, None)
         log.info("event=outbox_link_up tenants_unpaused=%d", len(ended))
         return True
 
     def reclaim(self) -> None:
         with transaction(self.url) as conn:
-            tenants = [r.tenant_id for r in conn.execute(
+            tenant_of_each = [r.tenant_id for r in conn.execute(
                 RECLAIM, {"visibility": self.settings.outbox_visibility_seconds})]
-        if tenants:
-            OUTBOX_EVENTS.labels("reclaimed").inc(len(tenants))
-            log.warning("event=outbox_reclaimed events=%d tenants=%d", len(tenants), len(set(tenants)))
+        if tenant_of_each:
+            OUTBOX_EVENTS.labels("reclaimed").inc(len(tenant_of_each))
+            log.warning("event=outbox_reclaimed events=%d tenants=%d", len(tenant_of_each),
+                        len(set(tenant_of_each)))
 
     def refresh_backlog(self) -> None:
         with self.lock:
