@@ -92,6 +92,7 @@ def test_outage_then_503s_every_event_acked_once(db_url, sink, edge):
     wait_until(lambda: scalar(db_url, "SELECT coalesce(min(consecutive_failures), 0) FROM sync_state") >= 3
                and scalar(db_url, "SELECT count(*) FROM sync_state") == 5, 120, "failures during the outage")
     assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE pause_reason = 'network'") == 5
+    failures_in_outage = scalar(db_url, "SELECT max(consecutive_failures) FROM sync_state")
     assert statuses(db_url).get("acked", 0) == 0
 
     # The link returns, answering 30% of batches 503 with Retry-After: 1.
@@ -116,7 +117,11 @@ def test_outage_then_503s_every_event_acked_once(db_url, sink, edge):
                            "AND received_at < ?", (tenant, answered_at, answered_at + retry_after))
         assert early == [(0,)], (tenant, answered_at)
     # 503 answers are not failures (SPEC §3): their events were only re-counted.
-    assert scalar(db_url, "SELECT count(*) FROM sync_outbox WHERE attempt_count > 1") > 0
+    retried = scalar(db_url, "SELECT count(*) FROM sync_outbox WHERE attempt_count > 1")
+    assert retried > 0
+    print(f"\noutage: consecutive_failures up to {failures_in_outage} during the outage, 0 after; "
+          f"{len(throttled)} batches answered 503 (Retry-After 1 s, honoured); {retried:,} events sent "
+          f"more than once before their ack; {n:,} acked once, {len(stored):,} stored at the sink")
 
 
 def test_link_probe_ends_a_long_pause(db_url, sink, edge):
@@ -133,6 +138,8 @@ def test_link_probe_ends_a_long_pause(db_url, sink, edge):
     first_ok = sink.query("SELECT min(received_at) FROM batches WHERE status = 200")[0][0]
     # The probe (GET /v1/edge/ping) ended the pause: catch-up began before the backoff ran out.
     assert up_at <= first_ok < float(paused_until)
+    print(f"\nprobe: first batch accepted {first_ok - up_at:.2f} s after the sink came back; "
+          f"the backoff alone would have paused until +{float(paused_until) - up_at:.1f} s")
     assert "event=outbox_link_up" in forwarder.log()
 
 
@@ -157,6 +164,9 @@ def test_two_forwarders_never_share_an_event(db_url, sink, edge):
                                  ON x.batch_id < y.batch_id AND x.received_at < y.answered_at
                                 AND y.received_at < x.answered_at""")
     assert overlapping[0][0] > 0
+    batches = sink.query("SELECT count(*) FROM batches WHERE status = 200")[0][0]
+    print(f"\ntwo forwarders: {n:,} events in {batches} batches, {overlapping[0][0]} overlapping pairs, "
+          "every event in exactly one batch")
 
 
 @pytest.mark.parametrize("point", ["outbox.after_post", "outbox.after_claim"])
