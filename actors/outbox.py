@@ -1,6 +1,8 @@
 """Queue `outbox`: forward sync_outbox events to the cloud (SPEC §3).
 
-The scheduler sends `forward_outbox` every second; a run drains for up to
+The scheduler calls `send_tick` every second (a `forward_outbox` message
+unless one is already waiting, so ticks never pile up while no forwarder
+runs); a run drains for up to
 DRAIN_SECONDS (at most `EDGE_OUTBOX_CONCURRENCY` runs at once per process, a
 tick finding no free slot returns at once). A run loops over tenants with
 pending events: claim a batch, POST it, record the answer.
@@ -204,6 +206,8 @@ PAUSED_TENANTS = text("""
       FROM sync_state
 """)
 NO_FLUSH_WAIT = text("SET LOCAL synchronous_commit = off")
+# outbox_tick_waiting: a forward_outbox message is already queued.
+TICK_WAITING = text("SELECT EXISTS (SELECT 1 FROM dramatiq.queue WHERE queue_name = 'outbox' AND state = 'queued')")
 
 
 @dramatiq.actor(queue_name="outbox", max_retries=0, time_limit=600_000)
@@ -213,6 +217,14 @@ def forward_outbox() -> None:
         forwarder().drain(DRAIN_SECONDS)
     except (psycopg2.OperationalError, sqlalchemy.exc.OperationalError) as exc:
         log.warning("event=outbox_database_unavailable error=%s", type(exc).__name__)
+
+
+def send_tick() -> None:
+    """The scheduler's job: one forward_outbox message, unless one is already waiting."""
+    with transaction(get_settings().database_url) as conn:
+        if conn.execute(TICK_WAITING).scalar_one():
+            return
+    forward_outbox.send()
 
 
 @dataclass

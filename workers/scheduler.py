@@ -28,9 +28,9 @@ class Job:
 
 def jobs() -> list[Job]:
     from actors.aggregate import aggregate_pending
-    from actors.outbox import forward_outbox
+    from actors.outbox import send_tick
     return [Job("aggregate", 1.0, aggregate_pending.send),
-            Job("outbox", 1.0, forward_outbox.send)]
+            Job("outbox", 1.0, send_tick)]
 
 
 def run_scheduler(settings: Settings) -> int:

@@ -36,5 +36,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
 
 
 def queue_idle(db_url: str) -> bool:
-    """No unfinished queue message (queued or being processed)."""
-    return scalar(db_url, "SELECT count(*) FROM dramatiq.queue WHERE state IN ('queued', 'consumed')") == 0
+    """No unfinished queue message (queued or being processed), the scheduler's outbox
+    tick aside: it waits for a forwarder that most tests do not run."""
+    return scalar(db_url, "SELECT count(*) FROM dramatiq.queue WHERE state IN ('queued', 'consumed') "
+                          "AND queue_name <> 'outbox'") == 0
