@@ -23,8 +23,9 @@ AGG_LAG = Gauge("farmiq_edge_aggregation_lag_seconds",
                 "Age of the oldest telemetry_agg_pending row after the last aggregation run.",
                 multiprocess_mode="max")
 
-# Outbox forwarder (actors/outbox.py). Backlog gauges come from one query every
-# BACKLOG_REFRESH_SECONDS; the most recent value of any live process is the truth.
+# Outbox forwarder (actors/outbox.py): what it did. What the outbox holds (backlog by
+# status, oldest pending, paused tenants, failure streak) is read from the database at
+# scrape time by the scheduler (workers/db_metrics.py).
 OUTBOX_EVENTS = Counter("farmiq_edge_outbox_events_total",
                         "Outbox events by what became of them: sent (in a POST), acked, failed "
                         "(rejected by the cloud), released (back to pending after a failed POST), "
@@ -35,14 +36,3 @@ OUTBOX_BATCHES = Counter("farmiq_edge_outbox_batches_total",
 OUTBOX_BATCH_SECONDS = Histogram("farmiq_edge_outbox_batch_seconds",
                                  "Round trip of one batch POST (request sent → answer read).",
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-OUTBOX_BACKLOG = Gauge("farmiq_edge_outbox_backlog_events", "Outbox events not acked, by status.",
-                       ["status"], multiprocess_mode="livemostrecent")
-OUTBOX_OLDEST_PENDING = Gauge("farmiq_edge_outbox_oldest_pending_seconds",
-                              "Age of the oldest pending outbox event (0 when none).",
-                              multiprocess_mode="livemostrecent")
-SYNC_CONSECUTIVE_FAILURES = Gauge("farmiq_edge_sync_consecutive_failures",
-                                  "Highest sync_state.consecutive_failures over the tenants.",
-                                  multiprocess_mode="livemostrecent")
-OUTBOX_PAUSED_TENANTS = Gauge("farmiq_edge_outbox_paused_tenants",
-                              "Tenants whose sync is paused (sync_state.paused_until in the future).",
-                              multiprocess_mode="livemostrecent")

@@ -66,8 +66,7 @@ from sqlalchemy import Connection, text
 
 from actors.cloud_client import Verdict, client_for
 from actors.faults import crash_point
-from actors.metrics import (OUTBOX_BACKLOG, OUTBOX_BATCH_SECONDS, OUTBOX_BATCHES, OUTBOX_EVENTS,
-                            OUTBOX_OLDEST_PENDING, OUTBOX_PAUSED_TENANTS, SYNC_CONSECUTIVE_FAILURES)
+from actors.metrics import OUTBOX_BATCH_SECONDS, OUTBOX_BATCHES, OUTBOX_EVENTS
 from models.ids import new_id
 from models.settings import Settings, get_settings
 from schema.db import transaction
@@ -78,7 +77,6 @@ DRAIN_SECONDS = 10.0
 PROBE_SECONDS = 2.0             # SPEC §3: the link probe at most every 2 s
 BACKOFF_BASE_SECONDS = 1.0      # paused for 1, 2, 4, … s (× jitter), capped by the setting
 THROTTLE_BASE_SECONDS = 0.5     # 429/503 without Retry-After: 0.5, 1, 2, … s (× jitter)
-BACKLOG_REFRESH_SECONDS = 10.0
 PROBE_REASONS = ("network", "server_error")
 # Two-key advisory lock namespace for claims; the second key is hashtext(tenant).
 CLAIM_LOCK_KEY = 0x0B0C
@@ -191,20 +189,6 @@ LINK_UP = text("""
     RETURNING tenant_id
 """)
 
-# outbox_backlog: events not acked, by status, with the oldest pending; and
-# how many tenants are paused, the most consecutive failures (the gauges).
-BACKLOG = text("""
-    SELECT status, count(*) AS n,
-           coalesce(extract(epoch FROM now() - min(created_at)), 0)::float AS oldest_age
-      FROM sync_outbox
-     WHERE status IN ('pending', 'claimed', 'sent', 'failed')
-     GROUP BY status
-""")
-PAUSED_TENANTS = text("""
-    SELECT count(*) FILTER (WHERE paused_until > now()) AS paused,
-           coalesce(max(consecutive_failures), 0) AS failures
-      FROM sync_state
-""")
 NO_FLUSH_WAIT = text("SET LOCAL synchronous_commit = off")
 # outbox_tick_waiting: a forward_outbox message is already queued.
 TICK_WAITING = text("SELECT EXISTS (SELECT 1 FROM dramatiq.queue WHERE queue_name = 'outbox' AND state = 'queued')")
@@ -250,7 +234,6 @@ class Forwarder:
         # tenant -> (paused until, pause_reason) as sync_state says, shared by this process's runs.
         self.pauses: dict[str, tuple[float, str | None]] = {}
         self.last_probe = 0.0
-        self.last_backlog = 0.0
         self.edge_id_json = json.dumps(settings.edge_id)
 
     # --- the run --------------------------------------------------------------
@@ -266,7 +249,6 @@ class Forwarder:
 
     def _drain(self, deadline: float) -> int:
         self.reclaim()
-        self.refresh_backlog()
         acked = 0
         tenants: list[str] = []
         while time.monotonic() < deadline:
@@ -420,7 +402,7 @@ class Forwarder:
                     verdict.error, row.consecutive_failures, row.paused_for)
         return 0
 
-    # --- link probe, recovery, gauges -----------------------------------------
+    # --- link probe, recovery ---------------------------------------------------
 
     def probe(self) -> bool:
         """GET ping if one is due (at most every PROBE_SECONDS); True if the link is up again."""
@@ -446,20 +428,6 @@ class Forwarder:
             OUTBOX_EVENTS.labels("reclaimed").inc(len(tenant_of_each))
             log.warning("event=outbox_reclaimed events=%d tenants=%d", len(tenant_of_each),
                         len(set(tenant_of_each)))
-
-    def refresh_backlog(self) -> None:
-        with self.lock:
-            if time.monotonic() - self.last_backlog < BACKLOG_REFRESH_SECONDS:
-                return
-            self.last_backlog = time.monotonic()
-        with transaction(self.url) as conn:
-            rows = {r.status: r for r in conn.execute(BACKLOG)}
-            state = conn.execute(PAUSED_TENANTS).one()
-        for status in ("pending", "claimed", "sent", "failed"):
-            OUTBOX_BACKLOG.labels(status).set(rows[status].n if status in rows else 0)
-        OUTBOX_OLDEST_PENDING.set(rows["pending"].oldest_age if "pending" in rows else 0)
-        OUTBOX_PAUSED_TENANTS.set(state.paused)
-        SYNC_CONSECUTIVE_FAILURES.set(state.failures)
 
 
 _forwarders: dict[int, Forwarder] = {}

@@ -91,12 +91,26 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from workers.up import run_up
-    return run_up(settings, state_dir=Path(args.state_dir), simulate=not args.no_simulate)
+    return run_up(settings, state_dir=Path(args.state_dir), simulate=not args.no_simulate,
+                  show_logs=args.logs, interval=args.interval)
 
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "ingress":
+        from workers import dlq_ingress
+        return dlq_ingress.run(settings, args)
     from workers import operator
     return operator.dlq(settings, args)
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.status import run_status
+    return run_status(settings.database_url, settings.media_root, watch=args.watch, interval=args.interval)
+
+
+def cmd_capacity(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.capacity import run_capacity
+    return run_capacity(settings, args)
 
 
 def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
@@ -105,6 +119,9 @@ def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.what == "queue":
+        from workers.bench_queue import run_queue_bench
+        return run_queue_bench(settings, args)
     from workers.bench import run_bench
     return run_bench(settings, args)
 
@@ -153,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "when EDGE_DATABASE_URL / EDGE_MQTT_URL are unset)")
     p.add_argument("--state-dir", default=".farmiq", help="embedded data and media (default .farmiq)")
     p.add_argument("--no-simulate", action="store_true", help="do not start the device simulator")
+    p.add_argument("--logs", action="store_true",
+                   help="also print process logs on the terminal (always in <state-dir>/logs/)")
+    p.add_argument("--interval", type=float, default=2.0, help="live view refresh in seconds (default 2)")
+
+    p = command("status", cmd_status, "one screen of queues, ingress, aggregation, sync, media and "
+                                      "retention, read from the database (no Prometheus needed)")
+    p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="--watch refresh in seconds (default 2)")
+
+    p = command("capacity", cmd_capacity, "database and media volume sizes for an offline window "
+                                          "plus the retention windows")
+    from workers.capacity import add_arguments as add_capacity_arguments
+    add_capacity_arguments(p)
 
     p = command("cloud-sink", cmd_cloud_sink, "a reference cloud receiver (SPEC §3) with faults on "
                                               "demand, for tests, `up` and staging")
@@ -188,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--all", action="store_true", help="every rejected message")
         if action in ("list", "redrive", "purge"):
             a.add_argument("--queue", help="only this queue")
+    from workers.dlq_ingress import add_arguments as add_dlq_ingress_arguments
+    add_dlq_ingress_arguments(dlq.add_parser(
+        "ingress", help="MQTT messages rejected at ingress: list, show, re-drive, purge",
+        description="MQTT messages rejected at ingress (ingress_dead_letters): list, show, "
+                    "re-drive with today's rules, purge"))
 
     p = command("outbox", cmd_outbox, "cloud sync outbox: status, re-drive failed events")
     outbox = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -217,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--devices", type=int, default=200, help="devices (default 200)")
     a.add_argument("--catch-up-events", type=int, default=10_000, help="events during the outage (default 10,000)")
     a.add_argument("--outage-seconds", type=float, default=20.0, help="outage length (default 20)")
+    a = bench.add_parser("queue", help="queue store: drain a no-op backlog, ours vs stock dramatiq-pg",
+                         description="drain a backlog of no-op messages with real dramatiq worker processes, "
+                                     "ours and then stock dramatiq-pg; rate, pg_locks, worker RSS")
+    a.add_argument("--messages", type=int, default=100_000, help="backlog for ours (default 100,000)")
+    a.add_argument("--stock-messages", type=int, default=3_000,
+                   help="backlog for stock dramatiq-pg, 0 to skip (default 3,000: it holds a lock per message)")
+    a.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    a.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8)")
+    a.add_argument("--timeout", type=float, default=600, help="seconds allowed per drain (default 600)")
     return parser
 
 
