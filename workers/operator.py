@@ -122,7 +122,8 @@ OUTBOX_OLDEST_PENDING = text("""
 # sync_state_all: the forwarder's state per tenant.
 SYNC_STATE_ALL = text("""
     SELECT tenant_id, last_acked_at, now() - last_acked_at AS acked_age,
-           consecutive_failures, paused_until, paused_until - now() AS paused_for, pause_reason
+           consecutive_failures, paused_until, paused_until - now() AS paused_for, pause_reason,
+           last_error
       FROM sync_state
      ORDER BY tenant_id
 """)
@@ -279,10 +280,11 @@ def outbox_status(url: str) -> int:
                          format_age(oldest_pending.get(tenant)),
                          _ago(s.last_acked_at, s.acked_age) if s else "-",
                          s.consecutive_failures if s else 0,
-                         _paused(s.paused_until, s.paused_for, s.pause_reason) if s else "-"))
+                         _paused(s.paused_until, s.paused_for, s.pause_reason) if s else "-",
+                         one_line(s.last_error) if s and s.last_error else "-"))
         # CLAIMED counts events in flight (claimed or sent) to the cloud.
         _print_table(("TENANT", "PENDING", "CLAIMED", "FAILED", "OLDEST_PENDING", "LAST_ACKED_AT",
-                      "CONSECUTIVE_FAILURES", "PAUSED_UNTIL"), rows, numeric={1, 2, 3, 4, 6})
+                      "CONSECUTIVE_FAILURES", "PAUSED_UNTIL", "LAST_ERROR"), rows, numeric={1, 2, 3, 4, 6})
     else:
         print("no tenants")
 
