@@ -32,6 +32,7 @@ from models.tables import (ingress_dead_letters, sync_outbox, telemetry_agg_pend
 from schema.db import raw_cursor, transaction
 
 MEDIA_QUEUE, MEDIA_ACTOR = "media", "store_media"
+INFERENCE_QUEUE, SUMMARY_ACTOR = "inference", "summarize_session"
 
 # Hot-path bulk writes (ARCHITECTURE: "execute_values / COPY"). With SQLAlchemy
 # insertmanyvalues, building and parsing 1,000-row INSERTs of telemetry_raw cost
@@ -162,6 +163,8 @@ def _apply_sessions(conn: Connection, events: list[SessionEvent]) -> list[str]:
         new = applied.state
         if not applied.changed:
             continue
+        if new.status == "finalized":
+            _ask_for_summary(conn, e)
         conn.execute(insert(sync_outbox), outbox_row(
             session_event_type(e.action), tenant_id=e.tenant_id, farm_id=e.farm_id,
             barn_id=e.barn_id, device_id=e.device_id, occurred_at=e.occurred_at,
@@ -208,14 +211,28 @@ def _apply_session_event(conn: Connection, e: SessionEvent) -> _Applied | None:
 
 
 def _hand_off_media(conn: Connection, events: list[MediaEvent]) -> None:
-    # The media actor (queue `media`) writes the file and its media_objects
+    # The media actor (queue `media`) places the file and writes its media_objects
     # row; enqueued in this transaction so a frame is never dropped between.
+    # The event carries the bridge's staging reference, never the bytes.
     if not events:
         return
     with raw_cursor(conn) as cursor:
         for e in events:
+            if e.staged is None:
+                raise PermanentError("media event without a staging reference")
             broker.enqueue_in(cursor, Message(queue_name=MEDIA_QUEUE, actor_name=MEDIA_ACTOR, args=(),
-                                              kwargs={"event": e.model_dump(mode="json")}, options={}))
+                                              kwargs={"event": e.model_dump(mode="json",
+                                                                            exclude={"image_b64"})},
+                                              options={}))
+
+
+def _ask_for_summary(conn: Connection, e: SessionEvent) -> None:
+    # The inference queue sends the session summary once every frame of the
+    # finalized session has a result (actors/inference.py); in this transaction,
+    # so a finalize is never left without its check.
+    with raw_cursor(conn) as cursor:
+        broker.enqueue_in(cursor, Message(queue_name=INFERENCE_QUEUE, actor_name=SUMMARY_ACTOR, args=(),
+                                          kwargs={"session_id": str(e.session_id)}, options={}))
 
 
 def _state_of(row: Any) -> SessionState:

@@ -5,7 +5,7 @@ set by `farmiq-edge worker` before anything imports prometheus_client); the brid
 single process with its own exposition server.
 """
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 INGRESS_ACCEPTED = Counter("farmiq_edge_ingress_accepted_total",
                            "MQTT events that took effect (first delivery).", ["kind"])
@@ -22,3 +22,21 @@ AGG_BUCKETS_WRITTEN = Counter("farmiq_edge_aggregation_buckets_written_total",
 AGG_LAG = Gauge("farmiq_edge_aggregation_lag_seconds",
                 "Age of the oldest telemetry_agg_pending row after the last aggregation run.",
                 multiprocess_mode="max")
+
+# Media and inference (issue 8).
+MEDIA_BYTES_WRITTEN = Counter("farmiq_edge_media_bytes_written_total",
+                              "Frame bytes written to the media volume (spooled once by the bridge).")
+MEDIA_VOLUME_FREE = Gauge("farmiq_edge_media_volume_free_bytes",
+                          "Free bytes on the media volume at the last write.", multiprocess_mode="min")
+MEDIA_VOLUME_PRESSURE = Gauge("farmiq_edge_media_volume_full",
+                              "1 while frames are held because the media volume is full.",
+                              multiprocess_mode="max")
+MEDIA_STORED = Counter("farmiq_edge_media_stored_total",
+                       "Frames placed at their final path with their media_objects row.", ["result"])
+INFERENCE_FRAMES = Counter("farmiq_edge_inference_results_total",
+                           "inference_results rows written, by model version.", ["model_version"])
+INFERENCE_SECONDS = Histogram("farmiq_edge_inference_seconds",
+                              "Model run time per frame (a batch's run divided by its frames).",
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
+INFERENCE_SKIPPED = Counter("farmiq_edge_inference_skipped_total",
+                            "Frames that could not be run (file missing or unreadable).", ["reason"])

@@ -63,6 +63,17 @@ class Settings(BaseSettings):
     worker_shutdown_seconds: int = Field(default=30, ge=1, le=600)
     metrics_port: int = Field(default=9191, ge=0, le=65_535)
 
+    # Media and inference (issue 8): the media volume, the weight model.
+    # Below this many free bytes on the media volume the bridge spools no frame
+    # (it holds the message un-acked and retries); 0 turns the floor off.
+    media_min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    # A staging file this old that no unfinished queue message names is swept.
+    media_staging_max_age_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Another ONNX model with the contract in the README; empty: the baseline shipped in models/weights/.
+    model_path: str = ""
+    inference_threads: int = Field(default=2, ge=1, le=64)
+    inference_batch: int = Field(default=8, ge=1, le=256)
+
     @property
     def max_payload_bytes(self) -> int:
         # base64 inflates by 4/3; leave room for the JSON envelope around it.

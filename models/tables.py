@@ -141,3 +141,20 @@ ingress_dead_letters = Table(
     Column("detail", Text, nullable=False),
     Column("received_at", _tz(), nullable=False),
 )
+
+# Media and inference (issue 8, migration 0005).
+inference_pending = Table(
+    "inference_pending", metadata,
+    Column("media_id", UUID(as_uuid=True), primary_key=True),
+    Column("created_at", _tz(), nullable=False),
+)
+
+weighvision_session_summaries = Table(
+    "weighvision_session_summaries", metadata,
+    Column("session_id", UUID(as_uuid=True), primary_key=True),
+    Column("model_version", Text, primary_key=True),
+    Column("frame_count", Integer, nullable=False),
+    Column("median_weight_kg", Float, nullable=False),
+    Column("event_id", UUID(as_uuid=True), nullable=False),
+    Column("updated_at", _tz(), nullable=False),
+)

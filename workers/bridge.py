@@ -32,6 +32,7 @@ from actors.ingest import ingest_batch
 from actors.broker import broker
 from actors.gc_tuning import tune_gc
 from actors.faults import crash_point
+from actors.media_volume import Spool, VolumeFull
 from actors.metrics import BRIDGE_BATCH_SECONDS, BRIDGE_BATCHES, INGRESS_REJECTED
 from models.dead_letters import dead_letter_row
 from models.messages import Rejected, parse_message
@@ -46,6 +47,7 @@ log = logging.getLogger("farmiq_edge.bridge")
 TOPIC_FILTER = "farmiq/#"
 HEARTBEAT_EVERY_SECONDS = 1.0
 MAX_DB_BACKOFF_SECONDS = 30.0
+HOLD_SECONDS = 2.0  # a frame held for lack of disk space is offered again this much later
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,8 @@ class Bridge:
     def _commit(self, batch: Batch) -> None:
         s = self.settings
         now = datetime.now(timezone.utc)
-        events, dead, reasons = [], [], []
+        events, dead, reasons, held = [], [], [], []
+        spool = Spool(s.media_root, min_free_bytes=s.media_min_free_bytes)  # frames: actors/media_volume.py
         for d in batch.deliveries:
             try:
                 event = parse_message(d.topic, d.payload, now=now, max_clock_skew=s.max_clock_skew,
@@ -203,7 +206,11 @@ class Bridge:
                 dead.append(dead_letter_row(d.topic, d.payload, rejected.reason, rejected.detail))
                 reasons.append(rejected.reason)
                 continue
-            events.append(event.model_dump(mode="json"))
+            try:
+                events.append(spool.event_json(event))  # a frame's bytes go to disk, not the queue
+            except VolumeFull:
+                held.append(d)  # not committed, not acked: offered again below
+        spool.sync()  # staged frames durable before the commit
         started = time.monotonic()
         with transaction(s.database_url) as conn:  # commit point (see module docstring)
             if dead:
@@ -213,6 +220,9 @@ class Bridge:
                     broker.enqueue_in(cursor, ingest_batch.message(events))
             crash_point("bridge.before_commit")
         crash_point("bridge.after_commit")
+        if held:
+            batch.deliveries = [d for d in batch.deliveries if d not in held]
+            threading.Timer(HOLD_SECONDS, lambda: [self.inbox.put(d) for d in held]).start()
         BRIDGE_BATCH_SECONDS.set(time.monotonic() - started)
         BRIDGE_BATCHES.inc()
         for reason in reasons:
