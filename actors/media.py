@@ -26,7 +26,7 @@ from actors.faults import crash_point
 from actors.media_volume import (OutsideRoot, contained, fsync_dir, make_folder, sha256_of,
                                  staging_dir, sweep_stale_staging)
 from actors.metrics import MEDIA_STORED
-from models.media_path import media_path
+from models.media_path import STAGING_NAME_RE, media_path
 from models.messages import MediaEvent, image_problem
 from models.outbox_events import outbox_row
 from models.settings import Settings, get_settings
@@ -41,7 +41,7 @@ ADD_PENDING = text("INSERT INTO inference_pending (media_id) VALUES (:media_id) 
 # Is a staging file still named by a message that may yet run (queued, in work, delayed or rejected)?
 NAMED_IN_QUEUE = """
     SELECT 1 FROM dramatiq.queue
-     WHERE state <> 'done' AND queue_name IN ('ingest', 'media', 'ingest.DQ', 'media.DQ')
+     WHERE state IS DISTINCT FROM 'done' AND queue_name IN ('ingest', 'media', 'ingest.DQ', 'media.DQ')
        AND strpos(message::text, %s) > 0
      LIMIT 1
 """
@@ -70,6 +70,8 @@ def store_frame(settings: Settings, e: MediaEvent) -> str:
                            media_id=e.media_id, mime_type=e.mime_type)
     except ValueError as exc:
         raise PermanentError(str(exc)) from None
+    if STAGING_NAME_RE.fullmatch(staged.name) is None:  # validated already; it becomes a path
+        raise PermanentError("staging name does not match its pattern")
     staging = staging_dir(root) / staged.name
     with transaction(settings.database_url) as conn:
         row = _row(conn, e)

@@ -19,9 +19,10 @@ import sqlalchemy.exc
 from models.settings import Settings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANNOT_CONNECT = 0, 1, 2, 3
-QUEUES = ("ingest", "aggregate")
+QUEUES = ("ingest", "aggregate", "media", "inference")
 # Actor modules by queue: `farmiq-edge worker --queues X` imports only these.
-ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate"}
+ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate", "media": "actors.media",
+                 "inference": "actors.inference"}
 
 log = logging.getLogger("farmiq_edge")
 

@@ -1,0 +1,103 @@
+"""Inference actor body (`infer_batch`, `refresh_summary`) and the baseline model, on real PostgreSQL."""
+
+from datetime import timedelta
+from uuid import uuid4
+
+import numpy as np
+import onnx
+
+from actors.inference import infer_batch, refresh_summary
+from actors.ingest import ingest_events
+from actors.media import store_frame
+from actors.weight_model import BASELINE, WeightModel, to_input
+from schema.db import transaction
+from tests.integration.test_ingest import T0, session
+from tests.integration.test_media import SID, parsed, query, settings, spooled
+from workers.dev import build_model
+from workers.dev.frames import bird_frame
+
+
+def store(db_url, root, frame, **kw):
+    event = spooled(root, parsed(frame.data, **kw))
+    store_frame(settings(db_url, root), event)
+    return event
+
+
+def run(db_url, model, batch=4) -> int:
+    total = 0
+    while True:
+        with transaction(db_url) as conn:
+            claimed = infer_batch(conn, model, batch)
+        total += claimed
+        if claimed < batch:
+            return total
+
+
+def apply_session(db_url, action, at):
+    with transaction(db_url) as conn:
+        ingest_events(conn, [session(uuid4(), at, SID, action)], sync_telemetry="agg")
+
+
+def summaries(db_url):
+    return query(db_url, "SELECT id, payload_json FROM sync_outbox "
+                         "WHERE event_type = 'weighvision.session.summary' ORDER BY created_at, id")
+
+
+def test_shipped_model_is_what_the_script_builds():
+    assert BASELINE.read_bytes() == build_model.build().SerializeToString(deterministic=True)
+    meta = {p.key: p.value for p in onnx.load(str(BASELINE)).metadata_props}
+    assert meta["model_version"] == build_model.MODEL_VERSION
+
+
+def test_model_follows_the_law_within_two_percent():
+    model = WeightModel()
+    frames = [bird_frame(scale=s, seed=i) for i, s in enumerate((0.5, 0.8, 1.0, 1.3, 1.6))]
+    predictions = model.predict(np.stack([to_input(f.data) for f in frames]))
+    for frame, p in zip(frames, predictions):
+        reference = float(build_model.reference_weight(frame.area_fraction))
+        assert abs(p.weight_kg - reference) <= 0.02 * reference
+        assert 0.5 < p.confidence <= 1
+    blank = np.zeros((1, 3, 48, 64), np.float32)
+    assert model.predict(blank)[0].weight_kg == 0 and model.predict(blank)[0].confidence == 0
+
+
+def test_session_results_summary_and_late_frame(db_url, tmp_path):
+    root, model = tmp_path / "media", WeightModel()
+    apply_session(db_url, "start", T0)
+    frames = [bird_frame(scale=0.8 + 0.05 * i, seed=i) for i in range(5)]
+    for f in frames:
+        store(db_url, root, f)
+    assert run(db_url, model) == 5
+    rows = query(db_url, "SELECT media_id, predicted_weight_kg, model_version FROM inference_results")
+    assert len(rows) == 5 and {r[2] for r in rows} == {model.version}
+    assert summaries(db_url) == []  # not finalized yet
+
+    apply_session(db_url, "finalize", T0 + timedelta(minutes=1))
+    with transaction(db_url) as conn:  # what ingest's summary check message runs
+        assert refresh_summary(conn, SID, model.version)
+        assert not refresh_summary(conn, SID, model.version)  # once
+    [(first_id, first)] = summaries(db_url)
+    weights = sorted(r[1] for r in rows)
+    assert first["frame_count"] == 5 and first["median_predicted_weight_kg"] == weights[2]
+    assert first["model_version"] == model.version
+
+    assert run(db_url, model) == 0  # nothing pending: a re-run adds nothing
+    late = bird_frame(scale=1.5, seed=99)
+    store(db_url, root, late)
+    assert run(db_url, model) == 1
+    [_, (second_id, second)] = summaries(db_url)
+    assert second_id != first_id and second["frame_count"] == 6
+    assert second["supersedes_event_id"] == str(first_id)
+    counts = dict(query(db_url, "SELECT event_type, count(*) FROM sync_outbox GROUP BY 1"))
+    assert counts["inference.completed"] == 6 and counts["media.stored"] == 6
+
+
+def test_rerun_for_a_frame_is_a_no_op(db_url, tmp_path):
+    root, model = tmp_path / "media", WeightModel()
+    event = store(db_url, root, bird_frame(seed=1), session_id=None)
+    assert run(db_url, model) == 1
+    query(db_url, "INSERT INTO inference_pending (media_id) VALUES (%s)", (str(event.media_id),))
+    assert run(db_url, model) == 1
+    assert query(db_url, "SELECT count(*) FROM inference_results")[0][0] == 1
+    assert query(db_url, "SELECT count(*) FROM sync_outbox WHERE event_type = 'inference.completed'")[0][0] == 1
+    assert query(db_url, "SELECT count(*) FROM inference_pending")[0][0] == 0
