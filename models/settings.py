@@ -71,7 +71,10 @@ class Settings(BaseSettings):
     media_staging_max_age_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     # Another ONNX model with the contract in the README; empty: the baseline shipped in models/weights/.
     model_path: str = ""
-    inference_threads: int = Field(default=2, ge=1, le=64)
+    # onnxruntime intra-op threads per process. 1 on the 2-core box: the
+    # baseline model is memory-bound (2 threads gained nothing measurable) and
+    # the other core stays free for the bridge, PostgreSQL and the other pools.
+    inference_threads: int = Field(default=1, ge=1, le=64)
     inference_batch: int = Field(default=8, ge=1, le=256)
 
     @property

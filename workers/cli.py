@@ -106,6 +106,9 @@ def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.what == "inference":
+        from workers.bench_inference import run_inference_bench
+        return run_inference_bench(settings, args)
     from workers.bench import run_bench
     return run_bench(settings, args)
 
@@ -177,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rate", type=int, default=0, help="offered msg/s (default 0: as fast as possible)")
     a.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     a.add_argument("--skip-references", action="store_true", help="skip the naive and bare-MQTT runs")
+    a = bench.add_parser("inference", help="weight model frames/s and p50/p99 at 640x480, and end to end",
+                         description="weight model frames/s and p50/p99 at 640x480 JPEG: model only, "
+                                     "and end to end (publish → inference_results row) with the "
+                                     "queue-table bytes added per frame")
+    a.add_argument("--frames", type=int, default=300, help="frames published end to end (default 300)")
+    a.add_argument("--rate", type=float, default=20.0, help="offered frames/s (default 20; 0: unpaced)")
+    a.add_argument("--seconds", type=float, default=5.0, help="model-only run time (default 5)")
+    a.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
     return parser
 
 
