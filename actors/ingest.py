@@ -48,6 +48,10 @@ DEDUPE_INSERT = text("""
     ON CONFLICT DO NOTHING
     RETURNING tenant_id, event_id::text
 """)
+# Does a session have stored frames (index media_objects_tenant_session_idx)?
+SESSION_HAS_FRAMES = text("""
+    SELECT EXISTS (SELECT 1 FROM media_objects WHERE tenant_id = :tenant_id AND session_id = :session_id)
+""")
 RAW_COLUMNS = ("id", "tenant_id", "farm_id", "barn_id", "device_id", "occurred_at", "metric_type",
                "metric_value", "unit")
 PENDING_COLUMNS = ("tenant_id", "farm_id", "barn_id", "device_id", "metric_type", "bucket_start_at",
@@ -229,7 +233,11 @@ def _hand_off_media(conn: Connection, events: list[MediaEvent]) -> None:
 def _ask_for_summary(conn: Connection, e: SessionEvent) -> None:
     # The inference queue sends the session summary once every frame of the
     # finalized session has a result (actors/inference.py); in this transaction,
-    # so a finalize is never left without its check.
+    # so a finalize is never left without its check. A session with no stored
+    # frame yet needs none: the inference run that weighs its first frame
+    # checks it (and waits for this transaction's row lock on the session).
+    if not conn.execute(SESSION_HAS_FRAMES, {"tenant_id": e.tenant_id, "session_id": e.session_id}).scalar():
+        return
     with raw_cursor(conn) as cursor:
         broker.enqueue_in(cursor, Message(queue_name=INFERENCE_QUEUE, actor_name=SUMMARY_ACTOR, args=(),
                                           kwargs={"session_id": str(e.session_id)}, options={}))

@@ -53,7 +53,7 @@ TEMP_MARK = ".tmp-"
 
 
 class VolumeFull(Exception):
-    """No room on the media volume (below the floor, or ENOSPC): try again later."""
+    """The media volume takes no frame now (below the floor, ENOSPC, not writable): try again later."""
 
 
 class OutsideRoot(Exception):
@@ -130,11 +130,17 @@ class Spool:
             os.utime(final)
             self.dirty = True
             return staged
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if self.min_free_bytes and free_bytes(self.dir) - len(data) < self.min_free_bytes:
-            PRESSURE.set(True, "below_min_free_bytes")
-            raise VolumeFull("media volume below EDGE_MEDIA_MIN_FREE_BYTES")
-        write_durably(self.dir / f"{staged.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}", final, data)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.min_free_bytes and free_bytes(self.dir) - len(data) < self.min_free_bytes:
+                PRESSURE.set(True, "below_min_free_bytes")
+                raise VolumeFull("media volume below EDGE_MEDIA_MIN_FREE_BYTES")
+            write_durably(self.dir / f"{staged.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}", final, data)
+        except OSError as exc:
+            # Not mounted, read-only, no permission: the frame waits un-acked like
+            # on a full disk (one log line), rather than the bridge crash-looping.
+            PRESSURE.set(True, errno.errorcode.get(exc.errno or 0, "os_error"))
+            raise VolumeFull(f"cannot write to the media volume: {exc.strerror}") from None
         MEDIA_BYTES_WRITTEN.inc(len(data))
         PRESSURE.set(False)
         self.dirty = True

@@ -37,16 +37,17 @@ def _now() -> str:
 
 CAMERA = "camera-01"
 CAMERA_FRAMES = 5  # frames per weighing session, one per tick
+_RUN = uuid.uuid4().hex  # session ids differ from one simulator run to the next
 
 
 def _camera(client: mqtt.Client, tick: int, rng: random.Random) -> None:
     """Every 20 ticks: start a session, send CAMERA_FRAMES frames on the next ticks, finalize."""
     from workers.dev.frames import bird_frame
 
-    step = tick % 20
+    step = (tick - 1) % 20  # ticks count from 1
     if step > CAMERA_FRAMES + 1:
         return
-    session_id = str(uuid.UUID(int=uuid.uuid5(uuid.NAMESPACE_URL, f"{CAMERA}/{tick // 20}").int))
+    session_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{CAMERA}/{_RUN}/{(tick - 1) // 20}"))
     if step in (0, CAMERA_FRAMES + 1):
         action = "start" if step == 0 else "finalize"
         client.publish(_topic(CAMERA, "session"), json.dumps(

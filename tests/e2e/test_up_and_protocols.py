@@ -29,7 +29,10 @@ def test_up_runs_everything_embedded_with_simulated_devices(tmp_path):
         wait_until(lambda: scalar(db_url, "SELECT count(*) FROM telemetry_agg WHERE \"window\" = '1m'") > 0,
                    60, "simulated telemetry to be ingested and aggregated")
         assert scalar(db_url, "SELECT count(*) FROM telemetry_raw") > 0
-        assert scalar(db_url, "SELECT count(*) FROM weight_sessions") == 1
+        assert scalar(db_url, "SELECT count(*) FROM weight_sessions") == 2  # the scale's, the camera's
+        # The camera's frames: stored by the media pool, weighed by the inference pool.
+        wait_until(lambda: scalar(db_url, "SELECT count(*) FROM inference_results") > 0, 90,
+                   "simulated frames to be stored and weighed")
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         code = up.wait(60)

@@ -73,6 +73,7 @@ def test_session_results_summary_and_late_frame(db_url, tmp_path):
     assert summaries(db_url) == []  # not finalized yet
 
     apply_session(db_url, "finalize", T0 + timedelta(minutes=1))
+    assert summary_checks(db_url) == 1  # ingest asked, in the finalize transaction
     with transaction(db_url) as conn:  # what ingest's summary check message runs
         assert refresh_summary(conn, SID, model.version)
         assert not refresh_summary(conn, SID, model.version)  # once
@@ -90,6 +91,23 @@ def test_session_results_summary_and_late_frame(db_url, tmp_path):
     assert second["supersedes_event_id"] == str(first_id)
     counts = dict(query(db_url, "SELECT event_type, count(*) FROM sync_outbox GROUP BY 1"))
     assert counts["inference.completed"] == 6 and counts["media.stored"] == 6
+
+
+def test_finalize_before_the_frames_summary_from_the_last_inference_run(db_url, tmp_path):
+    root, model = tmp_path / "media", WeightModel()
+    apply_session(db_url, "start", T0)
+    apply_session(db_url, "finalize", T0 + timedelta(minutes=1))
+    assert summary_checks(db_url) == 0  # no frame stored yet: nothing to check
+    for i in range(3):
+        store(db_url, root, bird_frame(seed=i))
+    assert run(db_url, model, batch=2) == 3
+    [(_, summary)] = summaries(db_url)
+    assert summary["frame_count"] == 3
+
+
+def summary_checks(db_url) -> int:
+    return query(db_url, "SELECT count(*) FROM dramatiq.queue "
+                         "WHERE message->>'actor_name' = 'summarize_session'")[0][0]
 
 
 def test_rerun_for_a_frame_is_a_no_op(db_url, tmp_path):

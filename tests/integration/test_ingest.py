@@ -108,10 +108,9 @@ def test_same_batch_twice_takes_effect_once(db_url: str) -> None:
     assert accepted == {"telemetry": 2, "session": 2, "media": 1}
     assert dups == {} and rejected == {}
     after_first = counts(db_url)
-    # Queue: the media hand-off and the finalized session's summary check.
     assert after_first == {"ingress_dedupe": 5, "telemetry_raw": 3, "telemetry_agg_pending": 2,
                            "telemetry_agg": 0, "sync_outbox": 4, "weight_sessions": 1,
-                           "ingress_dead_letters": 0, "media_objects": 0, "dramatiq.queue": 2}
+                           "ingress_dead_letters": 0, "media_objects": 0, "dramatiq.queue": 1}
     session_row = query(db_url, "SELECT * FROM weight_sessions")
 
     accepted, dups, rejected = ingest(db_url, batch, "both")
