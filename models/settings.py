@@ -7,9 +7,10 @@ exit code 2 before anything starts.
 
 from datetime import timedelta
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -71,6 +72,14 @@ class Settings(BaseSettings):
     media_staging_max_age_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     # Another ONNX model with the contract in the README; empty: the baseline shipped in models/weights/.
     model_path: str = ""
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_file(cls, value: str) -> str:
+        if value and not (value.endswith(".onnx") and Path(value).is_file()):
+            raise ValueError("must name an existing .onnx file (empty: the shipped baseline)")
+        return value
+
     # onnxruntime intra-op threads per process. 1 on the 2-core box: the
     # baseline model is memory-bound (2 threads gained nothing measurable) and
     # the other core stays free for the bridge, PostgreSQL and the other pools.

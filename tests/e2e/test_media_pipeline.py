@@ -8,7 +8,9 @@ a full disk (injected ENOSPC) that holds frames back until space returns.
 """
 
 import hashlib
+import os
 import statistics
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from uuid import UUID, uuid4
@@ -203,3 +205,19 @@ def test_disk_full_holds_frames_and_resumes(pipeline, db_url, tmp_path):
     assert_stored_once(db_url, root, session)
     log = p.processes[0].log()
     assert log.count("event=media_volume_full") == 1 and log.count("event=media_volume_ok") == 1
+
+
+def test_media_worker_sweeps_stale_staging_at_start(pipeline, db_url):
+    p = pipeline(EDGE_MEDIA_STAGING_MAX_AGE_SECONDS="60")
+    staging = Path(p.env["EDGE_MEDIA_ROOT"]) / ".staging"
+    staging.mkdir(parents=True)
+    stale, fresh, temp = (staging / f"{uuid4().hex}-{'0' * 16}.jpg", staging / f"{uuid4().hex}-{'1' * 16}.jpg",
+                          staging / f"{uuid4().hex}-{'2' * 16}.jpg.tmp-0badc0de")
+    for f in (stale, fresh, temp):
+        f.write_bytes(b"left by a bridge that crashed before its commit")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    os.utime(temp, (old, old))
+    worker = p.worker("media")
+    wait_until(lambda: "event=staging_swept files=2" in worker.log(), 60, "the startup sweep")
+    assert sorted(staging.iterdir()) == [fresh]

@@ -17,6 +17,9 @@ def test_defaults_work_on_one_machine(monkeypatch):
     ("EDGE_RETENTION_OUTBOX_DAYS", "6"), ("EDGE_DEDUPE_TTL_HOURS", "12"),
     ("EDGE_SYNC_TELEMETRY", "everything"), ("EDGE_EDGE_ID", "bad id"),
     ("EDGE_MQTT_PROTOCOL", "4"), ("EDGE_BATCH_MAX_MESSAGES", "0"),
+    ("EDGE_MEDIA_MIN_FREE_BYTES", "-1"), ("EDGE_MEDIA_STAGING_MAX_AGE_SECONDS", "5"),
+    ("EDGE_MODEL_PATH", "/nonexistent/model.onnx"), ("EDGE_INFERENCE_THREADS", "0"),
+    ("EDGE_INFERENCE_BATCH", "1000"),
 ])
 def test_out_of_range_names_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
