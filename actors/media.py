@@ -2,10 +2,13 @@
 
 The message carries the event with a staging reference, never the bytes (see
 actors/media_volume.py for the whole path of a frame and its commit points).
-Here: verify the staged bytes -> rename into place -> fsync folders -> ONE
-transaction (commit point): media_objects row, `media.stored` outbox event,
-an `inference_pending` row and a wake-up for the inference queue. A
-redelivery finds row and file and does nothing more.
+Here, inside ONE transaction that holds an advisory lock on the media_id:
+look for the row, verify the staged bytes, rename them into place, fsync the
+folders, then insert the media_objects row, the `media.stored` outbox event,
+an `inference_pending` row and a wake-up for the inference queue; COMMIT is
+the commit point. A redelivery finds row and file and does nothing more; a
+crash (or error) after the rename leaves the file for the redelivery, which
+verifies it and commits the row.
 """
 
 from actors.broker import broker  # noqa: I001 - the broker is set before any actor
@@ -36,6 +39,8 @@ from schema.db import raw_cursor, transaction
 log = logging.getLogger("farmiq_edge.media")
 INFERENCE_QUEUE, INFERENCE_ACTOR = "inference", "infer_pending"
 
+# Serializes work on one media_id until the transaction ends.
+LOCK_MEDIA_ID = text("SELECT pg_advisory_xact_lock(hashtext(:media_id))")
 # The frame's inference work item (the inference actor's durable work list).
 ADD_PENDING = text("INSERT INTO inference_pending (media_id) VALUES (:media_id) ON CONFLICT DO NOTHING")
 # Is a staging file still named by a message that may yet run (queued, in work, delayed or rejected)?
@@ -73,35 +78,20 @@ def store_frame(settings: Settings, e: MediaEvent) -> str:
     if STAGING_NAME_RE.fullmatch(staged.name) is None:  # validated already; it becomes a path
         raise PermanentError("staging name does not match its pattern")
     staging = staging_dir(root) / staged.name
-    with transaction(settings.database_url) as conn:
-        row = _row(conn, e)
-    if row is not None:
-        if (row.path, row.sha256) != (str(final), staged.sha256):
-            raise PermanentError("media_id is already stored with other bytes or another path")
-        if final.is_file():
-            staging.unlink(missing_ok=True)  # a re-spooled copy from a redelivered MQTT message
-            return "already_stored"
-        raise PermanentError("media_objects row exists but its file is missing")
-
-    try:
-        make_folder(root, final.parent)
-        contained(root, final)
-    except OutsideRoot as exc:
-        raise PermanentError(str(exc)) from None
-    if staging.is_file():
-        _verify(settings, staging, e)
-        crash_point("media.before_rename")
-        os.rename(staging, final)  # commit point of the file (atomic, same filesystem)
-        fsync_dir(final.parent)
-        fsync_dir(staging.parent)
-    elif not final.is_file():
-        raise PermanentError("staging file is missing and the frame is not in place")
-    elif sha256_of(final) != (staged.sha256, staged.size_bytes):
-        raise PermanentError("a different file is already at the frame's path")
-    # else: renamed by an attempt that crashed before its commit; the bytes are verified.
-    crash_point("media.before_commit")
-
     with transaction(settings.database_url) as conn:  # commit point (see module docstring)
+        # One frame per media_id at a time: two events naming the same media_id
+        # (a device bug) must not both rename into place before either commits.
+        conn.execute(LOCK_MEDIA_ID, {"media_id": str(e.media_id)})
+        row = _row(conn, e)
+        if row is not None:
+            if (row.path, row.sha256) != (str(final), staged.sha256):
+                raise PermanentError("media_id is already stored with other bytes or another path")
+            if final.is_file():
+                staging.unlink(missing_ok=True)  # a re-spooled copy from a redelivered MQTT message
+                return "already_stored"
+            raise PermanentError("media_objects row exists but its file is missing")
+        _place(settings, root, staging, final, e)
+        crash_point("media.before_commit")
         conn.execute(insert(media_objects).values(
             id=e.media_id, tenant_id=e.tenant_id, farm_id=e.farm_id, barn_id=e.barn_id,
             device_id=e.device_id, session_id=e.session_id, path=str(final), mime_type=e.mime_type,
@@ -120,6 +110,28 @@ def store_frame(settings: Settings, e: MediaEvent) -> str:
                                               args=(), kwargs={}, options={}))
     log.info("event=media_stored media_id=%s size_bytes=%d", e.media_id, staged.size_bytes)
     return "stored"
+
+
+def _place(settings: Settings, root: Path, staging: Path, final: Path, e: MediaEvent) -> None:
+    """The verified staged bytes at `final`, durably (or already there from a crashed attempt)."""
+    staged = e.staged
+    assert staged is not None
+    try:
+        make_folder(root, final.parent)
+        contained(root, final)
+    except OutsideRoot as exc:
+        raise PermanentError(str(exc)) from None
+    if staging.is_file():
+        _verify(settings, staging, e)
+        crash_point("media.before_rename")
+        os.rename(staging, final)  # the file's commit point (atomic, same filesystem)
+        fsync_dir(final.parent)
+        fsync_dir(staging.parent)
+    elif not final.is_file():
+        raise PermanentError("staging file is missing and the frame is not in place")
+    elif sha256_of(final) != (staged.sha256, staged.size_bytes):
+        raise PermanentError("a different file is already at the frame's path")
+    # else: renamed by an attempt that crashed before its commit; the bytes are verified.
 
 
 def _row(conn: Connection, e: MediaEvent):  # noqa: ANN202 - a Row or None

@@ -166,3 +166,21 @@ def test_sweep_removes_only_stale_unnamed_staging_files(db_url, tmp_path):
                                         % named))
     assert sweep_stale_staging(root, 3600, keep=named_in_queue(db_url)) == 2
     assert sorted(p.name for p in staging_dir(root).iterdir()) == sorted([named, fresh])
+
+
+def test_a_second_event_with_the_same_media_id_never_replaces_the_file(db_url, tmp_path):
+    root = tmp_path / "media"
+    s = settings(db_url, root)
+    first = spooled(root, parsed(bird_frame(seed=10).data))
+    store_frame(s, first)
+    media_id = str(first.media_id)
+    payload = corpus.media_payload(uuid4(), NOW, bird_frame(seed=11).data, session_id=SID,
+                                   captured_at=CAPTURED, media_id=UUID(media_id))
+    other = parse_message(corpus.topic("media"), payload, now=NOW, max_clock_skew=timedelta(hours=24),
+                          media_max_bytes=corpus.DEFAULT_MEDIA_MAX_BYTES,
+                          max_payload_bytes=corpus.default_max_payload_bytes(corpus.DEFAULT_MEDIA_MAX_BYTES))
+    second = spooled(root, other)
+    with pytest.raises(PermanentError, match="already stored with other bytes"):
+        store_frame(s, second)
+    [(path, sha)] = query(db_url, "SELECT path, sha256 FROM media_objects")
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha == first.staged.sha256
