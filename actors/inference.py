@@ -11,10 +11,11 @@ rows and refreshes the summaries of the sessions it touched. A crash before
 the commit leaves the frames pending for the next run.
 
 Session summary trigger, from both sides (whichever completes a session last):
-ingest sends `summarize_session` in the transaction that finalizes a session,
-and every run re-checks the sessions of the frames it weighed. The summary is
-written only when the session is finalized and every stored frame of it has a
-result for this model version; `weighvision_session_summaries` remembers the
+ingest sends `summarize_session` in the transaction that finalizes a session
+(if it has stored frames), and every run re-checks the sessions of the frames
+it weighed. The summary is written only when the session is finalized and no
+stored frame of it still waits for inference (a frame whose file could not be
+read is counted as skipped, not waited for); `weighvision_session_summaries` remembers the
 last one sent, so a summary goes out once, and again, with a new event id,
 only when a late frame changes it. The session row is locked while checking,
 so two runs finishing frames of one session cannot both miss (or both send) it.
@@ -71,13 +72,15 @@ LOCK_SESSION = text("""
     SELECT tenant_id, farm_id, barn_id, device_id, status, end_at
       FROM weight_sessions WHERE id = :session_id FOR UPDATE
 """)
-# Stored frames of a session, how many have a result of this model, and the median weight.
+# A session's frames: how many have a result of this model (and their median
+# weight), how many still wait for inference (index media_objects_tenant_session_idx).
 SESSION_FRAMES = text("""
-    SELECT count(*) AS frames, count(r.id) AS weighed,
+    SELECT count(r.id) AS weighed, count(p.media_id) AS waiting,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY r.predicted_weight_kg) AS median
       FROM media_objects m
       LEFT JOIN inference_results r ON r.media_id = m.id AND r.model_version = :model_version
-     WHERE m.session_id = :session_id
+      LEFT JOIN inference_pending p ON p.media_id = m.id
+     WHERE m.tenant_id = :tenant_id AND m.session_id = :session_id
 """)
 LAST_SUMMARY = text("""
     SELECT frame_count, median_weight_kg, event_id FROM weighvision_session_summaries
@@ -175,23 +178,24 @@ def refresh_summary(conn: Connection, session_id: UUID, model_version: str) -> b
     session = conn.execute(LOCK_SESSION, {"session_id": session_id}).first()
     if session is None or session.status != "finalized":
         return False
-    frames = conn.execute(SESSION_FRAMES, {"session_id": session_id, "model_version": model_version}).one()
-    if frames.frames == 0 or frames.weighed < frames.frames:
+    frames = conn.execute(SESSION_FRAMES, {"tenant_id": session.tenant_id, "session_id": session_id,
+                                           "model_version": model_version}).one()
+    if frames.waiting or frames.weighed == 0:
         return False  # frames still waiting: the run that weighs the last one sends it
     last = conn.execute(LAST_SUMMARY, {"session_id": session_id, "model_version": model_version}).first()
-    if last is not None and (last.frame_count, last.median_weight_kg) == (frames.frames, frames.median):
+    if last is not None and (last.frame_count, last.median_weight_kg) == (frames.weighed, frames.median):
         return False
     event = outbox_row(
         "weighvision.session.summary", tenant_id=session.tenant_id, farm_id=session.farm_id,
         barn_id=session.barn_id, device_id=session.device_id, occurred_at=session.end_at,
         session_id=session_id,
-        payload={"session_id": str(session_id), "frame_count": frames.frames,
+        payload={"session_id": str(session_id), "frame_count": frames.weighed,
                  "median_predicted_weight_kg": frames.median, "model_version": model_version,
                  "supersedes_event_id": str(last.event_id) if last is not None else None})
     conn.execute(insert(sync_outbox), event)
     conn.execute(SAVE_SUMMARY, {"session_id": session_id, "model_version": model_version,
-                                "frame_count": frames.frames, "median": frames.median,
+                                "frame_count": frames.weighed, "median": frames.median,
                                 "event_id": event["id"]})
     log.info("event=session_summary session_id=%s frames=%d model_version=%s", session_id,
-             frames.frames, model_version)
+             frames.weighed, model_version)
     return True

@@ -1,5 +1,6 @@
 """Inference actor body (`infer_batch`, `refresh_summary`) and the baseline model, on real PostgreSQL."""
 
+import os
 from datetime import timedelta
 from uuid import uuid4
 
@@ -119,3 +120,17 @@ def test_rerun_for_a_frame_is_a_no_op(db_url, tmp_path):
     assert query(db_url, "SELECT count(*) FROM inference_results")[0][0] == 1
     assert query(db_url, "SELECT count(*) FROM sync_outbox WHERE event_type = 'inference.completed'")[0][0] == 1
     assert query(db_url, "SELECT count(*) FROM inference_pending")[0][0] == 0
+
+
+def test_a_frame_whose_file_is_gone_is_skipped_not_waited_for(db_url, tmp_path):
+    root, model = tmp_path / "media", WeightModel()
+    apply_session(db_url, "start", T0)
+    for i in range(3):
+        store(db_url, root, bird_frame(seed=i))
+    [(gone,)] = query(db_url, "SELECT path FROM media_objects ORDER BY path LIMIT 1")
+    os.unlink(gone)
+    apply_session(db_url, "finalize", T0 + timedelta(minutes=1))
+    assert run(db_url, model) == 3
+    assert query(db_url, "SELECT count(*) FROM inference_results")[0][0] == 2
+    [(_, summary)] = summaries(db_url)
+    assert summary["frame_count"] == 2
