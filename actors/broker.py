@@ -1,209 +1,173 @@
-"""The dramatiq-pg broker, hardened for an edge box, and the process-wide broker.
+"""The queue store: dramatiq's broker over PostgreSQL, and the process-wide broker.
 
 Every actor module imports this module first (dramatiq rule: the broker is set
-before any @actor). Stock dramatiq-pg 0.12 defects fixed here, each in a
-subclass method that says so:
+before any @actor).
 
-1. Lock leak: the stock consumer keeps one session advisory lock per consumed
-   message until the consumer goes idle; a backlog of ~13k messages exhausts
-   PostgreSQL's shared lock table and the whole cluster refuses connections.
-   `EdgeConsumer` releases the locks of finished messages on every iteration.
-2. Unbounded backlog: the stock consumer loads every unfinished message of its
-   queue into memory at start. `EdgeConsumer` reads message ids in bounded
-   pages, oldest first, and treats NOTIFY only as a wake-up.
-3. Pool starvation: 16 connections by default, but each queue needs two
-   consumers (queue + delay queue) holding two connections each. `EdgeBroker`
-   grows the pool with every declared queue and with the worker threads.
-4. No transactional enqueue: `EdgeBroker.enqueue_in(cursor, message)` writes
-   the queue row (and its NOTIFY, which PostgreSQL delivers at COMMIT) in the
-   caller's transaction, so a hand-off commits atomically with the data.
-5. Rejected messages purged at random after 30 days: `auto_purge` is a no-op;
-   rejected messages stay until an operator re-drives or purges them, done
-   messages are removed by the retention job. Migration 0003 adds the index
-   serving the per-queue lookup.
-6. Big messages handled three times over: the stock enqueue JSON-encodes a
-   message, decodes it and encodes it again, and the stock ACK does the same
-   and writes the whole body back into the row (a jsonb parse and a TOAST
-   rewrite in PostgreSQL). For a 500-event ingest batch (~150 kB) that was
-   ~20% of the bridge's CPU and ~18% of the ingest worker's (py-spy, under
-   `farmiq-edge bench ingest`). `enqueue_in` passes the encoder's JSON text
-   once; `EdgeConsumer.ack` only marks the row done.
-7. Busy loop: with every unfinished message already in hand, `EdgeConsumer`
-   re-read its page of ids without pause; it now waits for a NOTIFY.
+Decision. We keep dramatiq (workers, middleware, Retries, actors, the CLI) and
+dramatiq-pg's table, `dramatiq.queue`, so operator tools and the stock CLI
+keep working; we replace dramatiq-pg's consumer and enqueue, because their
+design cannot be made safe for scaled replicas: the stock consumer ties every
+in-flight message to a session advisory lock, lists unfinished ids and then
+claims them one by one, and keeps delayed messages in worker memory. Under
+replicas and retries that leaked locks until PostgreSQL's lock table (the edge's
+only database) was exhausted, and a stale id list left messages unclaimable.
+The claim protocol here is the one the PostgreSQL queues that scale use
+(River, procrastinate, pgmq): see `actors/queue_consumer.py` for claim, lease
+and ack. This module adds:
+
+- Delays without a delay queue: `enqueue(message, delay=…)` writes the message
+  into its own queue with a due time; Retries' backoff waits in the table,
+  not in memory, and holds nothing. No "<queue>.DQ" consumers exist.
+- `enqueue_in(cursor, message)`: the queue row (and its NOTIFY, which
+  PostgreSQL delivers at COMMIT) goes into the caller's transaction, so a
+  hand-off commits atomically with the data.
+- One connection per thread that enqueues, opened on first use: sized by the
+  real number of threads whatever CLI started the worker, never a PoolError.
+- A consumer keeps one id per queue and process, so a consumer dramatiq
+  restarts in-process keeps the lease of the messages its threads still hold.
+- Rejected messages stay for `farmiq-edge dlq`; acked ones are deleted.
 """
 
 import logging
+import os
+import threading
 import time
+import uuid
 
 import dramatiq
-from dramatiq.broker import MessageProxy
-from dramatiq.common import compute_backoff, current_millis, dq_name
+import psycopg2
+from dramatiq.errors import ConnectionError as DramatiqConnectionError
 from dramatiq.message import Message
 from dramatiq.middleware import (AgeLimit, Callbacks, Pipelines, Prometheus, Retries,
                                  ShutdownNotifications, TimeLimit)
-from dramatiq_pg import PostgresBroker
-from dramatiq_pg.broker import QUERIES, PostgresConsumer, message_lock
-from dramatiq_pg.utils import (make_pool, raise_connection_error, tidy4json, transaction,
-                               wait_for_notifies)
 from psycopg2.extras import Json
 
 from actors.dead_letters import DeadLetters, retry_unless_permanent
 from actors.gc_tuning import GcTuning
+from actors.queue_consumer import EdgeConsumer
 from models.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# Connections per declared queue: a consumer for the queue and one for its
-# delay queue, each with a LISTEN connection and a consume connection.
-CONNECTIONS_PER_QUEUE = 4
-# Unfinished message ids read from the queue table per page (ids only: the
-# message body is fetched when the message is consumed).
-BACKLOG_PAGE = 500
-# Longest nap while all prefetched messages are still being processed.
-MAX_FULL_BACKOFF_MS = 50
-
-# Unfinished messages of one queue, oldest first (index: queue_unfinished_idx).
-FETCH_PENDING_PAGE = """
-    SELECT message_id::text
-      FROM dramatiq.queue
-     WHERE queue_name = %s AND state IN ('queued', 'consumed')
-     ORDER BY mtime
-     LIMIT %s
+# enqueue: a new message, or a retried one coming back (same id) with its new
+# body and due time; any earlier claim on it is void.
+ENQUEUE = """
+    INSERT INTO dramatiq.queue (queue_name, message_id, state, message, due_at)
+    VALUES (%(queue)s, %(id)s, 'queued', %(message)s, now() + make_interval(secs => %(delay)s))
+    ON CONFLICT (message_id) DO UPDATE
+       SET queue_name = EXCLUDED.queue_name, state = 'queued', message = EXCLUDED.message,
+           due_at = EXCLUDED.due_at, mtime = now(), consumer_id = NULL, claim_id = NULL
 """
-# Claim one message. CASE forces the state test before the lock attempt, so a
-# lock is never taken for a row that is not claimable (it would never be
-# released); pg_try_advisory_lock is held while the message is processed, so
-# if this consumer dies its 'consumed' messages become claimable again.
-CONSUME_ONE = """
-    UPDATE dramatiq.queue
-       SET state = 'consumed', mtime = now()
-     WHERE message_id = %s
-       AND CASE WHEN state IN ('queued', 'consumed') THEN pg_try_advisory_lock(%s) ELSE false END
-"""
-
-# Mark a processed message done (and announce it on the ack channel, as the
-# stock ACK does, by id). The body stays as enqueued: nobody reads a done
-# message's body, and NACK (rejected, shown by `farmiq-edge dlq`) still stores it.
-ACK_DONE = """
-    WITH updated AS (
-        UPDATE dramatiq.queue
-           SET state = 'done'
-         WHERE message_id = %s AND queue_name = %s AND state = 'consumed'
-     RETURNING message_id)
-    SELECT pg_notify(%s, jsonb_build_object('message_id', message_id)::text) FROM updated
-"""
+# wake: idle consumers of the queue LISTEN here (one NOTIFY per transaction and channel).
+WAKE = "SELECT pg_notify(%(channel)s, '')"
 
 
-class EdgeConsumer(PostgresConsumer):
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.pending_ids: list[str] = []
-
-    @raise_connection_error
-    def __next__(self):
-        # Defect 1: release finished messages' locks now, not when idle.
-        self.purge_locks()
-        if len(self.in_processing) >= self.prefetch:
-            self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=MAX_FULL_BACKOFF_MS)
-            time.sleep(backoff_ms / 1000)
-            return None
-        self.misses = 0
-        if not self.pending_ids:
-            # Defect 2: the table is the source of truth, read in bounded
-            # pages of ids; NOTIFY payloads are only a wake-up.
-            self.pending_ids = self.fetch_pending_ids()
-            if not self.pending_ids:
-                self.wait_for_work()
-                return None
-        while self.pending_ids:
-            message_id = self.pending_ids.pop(0)
-            if message_id in self.in_processing:
-                continue
-            message = Message.decode(self.fetch_by_id(message_id).encode())
-            if self.consume_one(message):
-                self.in_processing.add(message.message_id)
-                return MessageProxy(message)
-        # Defect 7: every unfinished message on the page is in hand already
-        # (ours, being processed, or locked by another consumer). Re-reading
-        # the page at once was a busy loop: ~1,000 SELECTs a second against
-        # PostgreSQL while a batch was processed. Wait for new work (NOTIFY),
-        # or the timeout, which still re-reads for messages of a dead consumer.
-        self.wait_for_work()
-        return None
-
-    def wait_for_work(self) -> None:
-        """Until a NOTIFY (one may have come during the last read) or the timeout."""
-        listen_conn = self.get_listen_conn()
-        if not listen_conn.notifies:
-            wait_for_notifies(listen_conn, self.timeout)
-        listen_conn.notifies.clear()
-
-    @raise_connection_error
-    def fetch_pending_ids(self) -> list[str]:
-        conn = self.get_listen_conn()
-        conn.notifies.clear()  # what they announced is in the table read below
-        with transaction(conn) as curs:
-            curs.execute(FETCH_PENDING_PAGE, (self.queue_name, BACKLOG_PAGE))
-            return [row[0] for row in curs]
-
-    @raise_connection_error
-    def consume_one(self, message):
-        with transaction(self.get_consume_conn()) as curs:
-            curs.execute(CONSUME_ONE, (message.message_id, message_lock(message)))
-            return curs.rowcount == 1
-
-    @raise_connection_error
-    def ack(self, message):
-        # Defect 6: no re-encode and rewrite of the body (see ACK_DONE).
-        with transaction(self.pool) as curs:
-            self.unlock_q.put_nowait(message)
-            curs.execute(ACK_DONE, (message.message_id, message.queue_name,
-                                    f"dramatiq.{message.queue_name}.ack"))
-        self.in_processing.remove(message.message_id)
-
-    def purge_locks(self):
-        if not self.unlock_q.empty():
-            super().purge_locks()
-
-    def auto_purge(self):
-        # Defect 5: never purge at random; retention and operators decide.
-        return None
+def wake_channel(queue_name: str) -> str:
+    return f"dramatiq.{queue_name}.enqueue"
 
 
-class EdgeBroker(PostgresBroker):
-    def __init__(self, *, url: str, threads: int, middleware=None):
-        # Defect 3: start with room for the worker threads (acks, enqueues)
-        # and grow by CONNECTIONS_PER_QUEUE per declared queue. minconn is how
-        # many idle connections the pool keeps, so it grows with maxconn.
-        pool = make_pool(url, maxconn=threads + 2)
-        super().__init__(pool=pool, results=False, middleware=middleware)
+class EdgeBroker(dramatiq.Broker):
+    def __init__(self, *, url: str, middleware=None) -> None:
+        super().__init__(middleware=middleware)
+        self.url = url
+        self._local = threading.local()
+        self._consumer_ids: dict[tuple[int, str], uuid.UUID] = {}
+        self._connections: list = []
 
-    def declare_queue(self, queue_name):
+    # -- dramatiq.Broker ------------------------------------------------------
+
+    def declare_queue(self, queue_name: str) -> None:
+        # No delay queue is declared: delayed messages wait in their own queue's rows.
         if queue_name not in self.queues:
-            self.pool.maxconn += CONNECTIONS_PER_QUEUE
-            self.pool.minconn = self.pool.maxconn
-        super().declare_queue(queue_name)
+            self.emit_before("declare_queue", queue_name)
+            self.queues[queue_name] = True
+            self.emit_after("declare_queue", queue_name)
 
-    def consume(self, queue_name, prefetch=1, timeout=30000):
-        return EdgeConsumer(pool=self.pool, queue_name=queue_name, prefetch=prefetch, timeout=timeout)
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> EdgeConsumer:
+        consumer_id = self._consumer_ids.setdefault((os.getpid(), queue_name), uuid.uuid4())
+        return EdgeConsumer(url=self.url, queue_name=queue_name, prefetch=prefetch, timeout=timeout,
+                            consumer_id=consumer_id)
+
+    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+        """Enqueue in a transaction of its own (one retry on a dropped connection)."""
+        for attempt in (1, 2):
+            conn = self._thread_connection()
+            try:
+                with conn, conn.cursor() as cursor:
+                    return self.enqueue_in(cursor, message, delay=delay)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                self._drop_thread_connection()
+                if attempt == 2:
+                    raise DramatiqConnectionError(f"enqueue failed: {type(exc).__name__}") from exc
+        raise AssertionError("unreachable")
 
     def enqueue_in(self, cursor, message: Message, *, delay: int | None = None) -> Message:
-        """Enqueue `message` inside the transaction that owns `cursor` (defect 4).
+        """Enqueue `message` inside the transaction that owns `cursor`.
 
         Commit point: the queue row and its NOTIFY become visible only when the
         caller commits; a rollback leaves no message behind.
         """
-        if delay:
-            message = message.copy(queue_name=dq_name(message.queue_name))
-            message.options["eta"] = current_millis() + delay
         self.emit_before("enqueue", message, delay)
-        # Defect 6: the JSON encoder's text goes in as is (a string literal
-        # becomes jsonb on insert), instead of encode → decode → encode.
-        body = (message.encode().decode() if isinstance(dramatiq.get_encoder(), dramatiq.JSONEncoder)
-                else Json(tidy4json(message)))
-        cursor.execute(QUERIES.ENQUEUE, (message.queue_name, message.message_id, body, message.message_id))
+        cursor.execute(ENQUEUE, {"queue": message.queue_name, "id": message.message_id,
+                                 "message": _body(message), "delay": (delay or 0) / 1000})
+        if not delay:  # a delayed message is claimed by the consumers' periodic wake-up
+            cursor.execute(WAKE, {"channel": wake_channel(message.queue_name)})
         self.emit_after("enqueue", message, delay)
         return message
+
+    def flush(self, queue_name: str) -> None:
+        conn = self._thread_connection()
+        with conn, conn.cursor() as cursor:
+            cursor.execute("DELETE FROM dramatiq.queue WHERE queue_name = %s AND state <> 'rejected'",
+                           (queue_name,))
+
+    def join(self, queue_name: str, *, timeout: int | None = None) -> None:
+        """Wait until `queue_name` has no queued or claimed message (tests, benchmarks)."""
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        conn = self._thread_connection()
+        while True:
+            with conn, conn.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM dramatiq.queue"
+                               " WHERE queue_name = %s AND state IN ('queued', 'consumed')", (queue_name,))
+                if cursor.fetchone()[0] == 0:
+                    return
+            if deadline is not None and time.monotonic() > deadline:
+                raise dramatiq.errors.QueueJoinTimeout(queue_name)
+            time.sleep(0.05)
+
+    def flush_all(self) -> None:
+        for queue_name in self.queues:
+            self.flush(queue_name)
+
+    def close(self) -> None:
+        for conn in self._connections:
+            if not conn.closed:
+                conn.close()
+        self._connections.clear()
+
+    # -- connections of enqueueing threads -------------------------------------
+
+    def _thread_connection(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or getattr(self._local, "pid", None) != os.getpid():
+            conn = psycopg2.connect(self.url, application_name="farmiq-edge enqueue", connect_timeout=5)
+            self._local.conn, self._local.pid = conn, os.getpid()
+            self._connections.append(conn)
+        return conn
+
+    def _drop_thread_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and not conn.closed:
+            conn.close()
+        self._local.conn = None
+
+
+def _body(message: Message):
+    # The JSON encoder's text goes in as is (a string literal becomes jsonb on
+    # insert): encoding once, not encode → decode → encode.
+    if isinstance(dramatiq.get_encoder(), dramatiq.JSONEncoder):
+        return message.encode().decode()
+    return Json(message.asdict())
 
 
 def edge_middleware(settings: Settings) -> list:
@@ -220,8 +184,7 @@ def edge_middleware(settings: Settings) -> list:
 
 
 def build_broker(settings: Settings) -> EdgeBroker:
-    return EdgeBroker(url=settings.database_url, threads=settings.worker_threads,
-                      middleware=edge_middleware(settings))
+    return EdgeBroker(url=settings.database_url, middleware=edge_middleware(settings))
 
 
 broker = build_broker(get_settings())

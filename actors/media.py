@@ -43,10 +43,11 @@ INFERENCE_QUEUE, INFERENCE_ACTOR = "inference", "infer_pending"
 LOCK_MEDIA_ID = text("SELECT pg_advisory_xact_lock(hashtext(:media_id))")
 # The frame's inference work item (the inference actor's durable work list).
 ADD_PENDING = text("INSERT INTO inference_pending (media_id) VALUES (:media_id) ON CONFLICT DO NOTHING")
-# Is a staging file still named by a message that may yet run (queued, in work, delayed or rejected)?
+# Is a staging file still named by a message that may yet run (queued or delayed, in work, or
+# rejected and waiting for `farmiq-edge dlq redrive`)? Processed messages are deleted.
 NAMED_IN_QUEUE = """
     SELECT 1 FROM dramatiq.queue
-     WHERE state IS DISTINCT FROM 'done' AND queue_name IN ('ingest', 'media', 'ingest.DQ', 'media.DQ')
+     WHERE state IS DISTINCT FROM 'done' AND queue_name IN ('ingest', 'media')
        AND strpos(message::text, %s) > 0
      LIMIT 1
 """

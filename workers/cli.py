@@ -109,6 +109,9 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.what == "inference":
         from workers.bench_inference import run_inference_bench
         return run_inference_bench(settings, args)
+    if args.what == "queue":
+        from workers.bench_queue import run_queue_bench
+        return run_queue_bench(settings, args)
     from workers.bench import run_bench
     return run_bench(settings, args)
 
@@ -188,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rate", type=float, default=20.0, help="offered frames/s (default 20; 0: unpaced)")
     a.add_argument("--seconds", type=float, default=5.0, help="model-only run time (default 5)")
     a.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
+    a = bench.add_parser("queue", help="queue store: drain a no-op backlog, ours vs stock dramatiq-pg",
+                         description="drain a backlog of no-op messages with real dramatiq worker processes, "
+                                     "ours and then stock dramatiq-pg; rate, pg_locks, worker RSS")
+    a.add_argument("--messages", type=int, default=100_000, help="backlog for ours (default 100,000)")
+    a.add_argument("--stock-messages", type=int, default=3_000,
+                   help="backlog for stock dramatiq-pg, 0 to skip (default 3,000: it holds a lock per message)")
+    a.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    a.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8)")
+    a.add_argument("--timeout", type=float, default=600, help="seconds allowed per drain (default 600)")
     return parser
 
 

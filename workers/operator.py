@@ -41,16 +41,15 @@ TOP_FAILURE_REASONS = 10
 REASON_WIDTH = 100  # characters of a reason shown in list output
 
 # ---------------------------------------------------------------------------
-# Queries. dramatiq-pg keeps every queue in one table, dramatiq.queue; a
-# retried message waits in "<queue>.DQ" (the delay queue), so the canonical
-# queue of a row is its queue_name without that suffix.
+# Queries. Every queue lives in one table, dramatiq.queue (actors/broker.py);
+# a retried message waits in its own queue's row until its due_at.
 # ---------------------------------------------------------------------------
 
 # dlq_list: rejected queue messages, newest first, with the reason recorded by
 # the DeadLetters middleware, else the last line of the Retries traceback.
 DLQ_LIST = text(r"""
     SELECT message_id::text                                      AS message_id,
-           regexp_replace(queue_name, '\.DQ$', '')               AS queue,
+           queue_name                                            AS queue,
            message->>'actor_name'                                AS actor,
            coalesce((message->'options'->>'retries')::int, 0)    AS retries,
            now() - mtime                                         AS age,
@@ -58,7 +57,7 @@ DLQ_LIST = text(r"""
                     substring(message->'options'->>'traceback' FROM '([^\n]+)\n*$')) AS reason
       FROM dramatiq.queue
      WHERE state = 'rejected'
-       AND (CAST(:queue AS text) IS NULL OR regexp_replace(queue_name, '\.DQ$', '') = :queue)
+       AND (CAST(:queue AS text) IS NULL OR queue_name = :queue)
      ORDER BY mtime DESC, message_id
 """)
 
@@ -78,37 +77,22 @@ DLQ_SHOW = text("""
      WHERE message_id = CAST(:message_id AS uuid)
 """)
 
-# dlq_redrive: put rejected messages back on their canonical queue with a
-# fresh retry budget (retries 0; reason, traceback and any eta removed), and
-# wake idle consumers exactly as dramatiq-pg's ENQUEUE query does: NOTIFY
-# "dramatiq.<queue>.enqueue" with the message, or only its id when it is large.
-DLQ_REDRIVE = text(r"""
-    WITH picked AS (
-        SELECT message_id, regexp_replace(queue_name, '\.DQ$', '') AS canonical
-          FROM dramatiq.queue
+# dlq_redrive: put rejected messages back on their queue, due now, with a
+# fresh retry budget (retries 0; reason and traceback removed), and wake the
+# queue's idle consumers (actors/broker.py WAKE).
+DLQ_REDRIVE = text("""
+    WITH redriven AS (
+        UPDATE dramatiq.queue
+           SET state = 'queued', due_at = now(), mtime = now(), consumer_id = NULL, claim_id = NULL,
+               message = message || jsonb_build_object(
+                   'options', (coalesce(message->'options', '{}') - 'dead_letter_reason' - 'traceback' - 'eta')
+                              || '{"retries": 0}')
          WHERE state = 'rejected'
            AND (:all OR message_id = ANY(CAST(:ids AS uuid[])))
-           AND (CAST(:queue AS text) IS NULL OR regexp_replace(queue_name, '\.DQ$', '') = :queue)
-           FOR UPDATE
-    ), redriven AS (
-        UPDATE dramatiq.queue AS q
-           SET state = 'queued',
-               queue_name = p.canonical,
-               mtime = now(),
-               message = q.message || jsonb_build_object(
-                   'queue_name', p.canonical,
-                   'options', (coalesce(q.message->'options', '{}') - 'dead_letter_reason' - 'traceback' - 'eta')
-                              || '{"retries": 0}')
-          FROM picked AS p
-         WHERE q.message_id = p.message_id
-     RETURNING q.message_id, q.queue_name, q.message
+           AND (CAST(:queue AS text) IS NULL OR queue_name = :queue)
+     RETURNING message_id, queue_name
     )
-    SELECT message_id::text AS message_id,
-           pg_notify('dramatiq.' || queue_name || '.enqueue',
-                     CASE WHEN octet_length(message::text) >= 8000
-                          THEN jsonb_build_object('message_id', message_id)::text
-                          ELSE message::text
-                     END) AS notified
+    SELECT message_id::text AS message_id, pg_notify('dramatiq.' || queue_name || '.enqueue', '') AS notified
       FROM redriven
 """)
 
@@ -117,7 +101,7 @@ DLQ_PURGE = text(r"""
     DELETE FROM dramatiq.queue
      WHERE state = 'rejected'
        AND (:all OR message_id = ANY(CAST(:ids AS uuid[])))
-       AND (CAST(:queue AS text) IS NULL OR regexp_replace(queue_name, '\.DQ$', '') = :queue)
+       AND (CAST(:queue AS text) IS NULL OR queue_name = :queue)
     RETURNING message_id::text AS message_id
 """)
 
@@ -232,12 +216,11 @@ def dlq_show(url: str, message_id: str) -> int:
         return EXIT_FAILURE
     message: dict[str, Any] = row.message or {}
     options = message.get("options") or {}
-    queue = row.queue_name.removesuffix(".DQ")
     traceback = options.get("traceback")
     reason = options.get("dead_letter_reason") or _last_line(traceback) or "(no reason recorded)"
     fields = [
         ("message_id", row.message_id),
-        ("queue", queue + (f" (stored as {row.queue_name})" if queue != row.queue_name else "")),
+        ("queue", row.queue_name),
         ("actor", message.get("actor_name", "-")),
         ("state", row.state),
         ("retries", str(options.get("retries", 0))),

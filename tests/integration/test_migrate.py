@@ -18,7 +18,7 @@ EXPECTED_INDEXES = {
     "media_objects_tenant_session_idx", "media_objects_tenant_device_captured_idx",
     "inference_results_tenant_session_idx", "inference_results_tenant_device_time_idx",
     "sync_outbox_status_attempt_idx", "sync_outbox_tenant_time_idx", "sync_outbox_tenant_id_key",
-    "ingress_dedupe_tenant_event_key", "ingress_dedupe_first_seen_idx", "queue_unfinished_idx",
+    "ingress_dedupe_tenant_event_key", "ingress_dedupe_first_seen_idx", "queue_due_idx", "queue_consumed_idx", "consumers_pkey",
 }
 
 

@@ -49,7 +49,7 @@ def cli(db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
 def broker(db_url: str) -> Iterator[EdgeBroker]:
     # The project's middleware without Prometheus (metrics_port=0).
     settings = load_settings(database_url=db_url, metrics_port=0)
-    b = EdgeBroker(url=db_url, threads=2, middleware=edge_middleware(settings))
+    b = EdgeBroker(url=db_url, middleware=edge_middleware(settings))
     yield b
     b.close()
 
@@ -137,7 +137,7 @@ def test_worker_rejected_message_is_listed_redriven_and_then_done(db_url, broker
         while not listener.notifies and time.monotonic() < deadline:
             listener.poll()
             time.sleep(0.02)
-        assert [json.loads(n.payload)["message_id"] for n in listener.notifies] == [message_id]
+        assert [n.channel for n in listener.notifies] == [f"dramatiq.{QUEUE}.enqueue"]  # idle consumers woken
     finally:
         listener.close()
 
@@ -147,7 +147,7 @@ def test_worker_rejected_message_is_listed_redriven_and_then_done(db_url, broker
     assert "dead_letter_reason" not in message["options"] and "traceback" not in message["options"]
 
     broken["yes"] = False
-    run_worker_until(broker, lambda: queue_row(db_url, message_id)[1] == "done")
+    run_worker_until(broker, lambda: queue_row(db_url, message_id) is None)  # acked: deleted
     assert calls == ["payload-body-marker"] * 2
 
     rc, out, _ = cli("dlq", "list")
@@ -159,7 +159,7 @@ def test_exhausted_retries_show_count_and_reason_on_the_canonical_queue(db_url, 
     def flaky() -> None:
         raise ConnectionResetError("cloud went away")
 
-    # One retry, quickly: the retry waits in the delay queue opsq.DQ.
+    # One retry, quickly: the retry waits in its queue row until due.
     actor = dramatiq.actor(flaky, broker=broker, queue_name=QUEUE, actor_name="flaky",
                            retry_when=retry_unless_permanent(1), min_backoff=10, max_backoff=20)
     message_id = actor.send().message_id
@@ -173,10 +173,9 @@ def test_exhausted_retries_show_count_and_reason_on_the_canonical_queue(db_url, 
     assert "ingress" not in out  # --queue narrows to that queue
 
 
-def test_list_falls_back_to_the_traceback_and_redrive_leaves_the_delay_queue(db_url, cli):
+def test_list_falls_back_to_the_traceback_and_redrive_makes_it_due_now(db_url, cli):
     traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'device_id'\n"
-    stuck = insert_rejected(db_url, queue=f"{QUEUE}.DQ",
-                            options={"retries": 4, "traceback": traceback, "eta": 1})
+    stuck = insert_rejected(db_url, options={"retries": 4, "traceback": traceback, "eta": 1})
     other = insert_rejected(db_url, queue="elsewhere", age=timedelta(hours=3))
 
     rc, out, _ = cli("dlq", "list")
@@ -196,6 +195,7 @@ def test_list_falls_back_to_the_traceback_and_redrive_leaves_the_delay_queue(db_
     assert (rc, out) == (0, "1 rejected queue message re-driven\n")
     queue_name, state, message = queue_row(db_url, stuck)
     assert (queue_name, state, message["queue_name"]) == (QUEUE, "queued", QUEUE)
+    assert sql(db_url, "SELECT due_at <= now() FROM dramatiq.queue WHERE message_id = %s", (stuck,)) == [(True,)]
     assert message["options"] == {"retries": 0}
     assert queue_row(db_url, other)[1] == "rejected"  # other queue untouched
 
