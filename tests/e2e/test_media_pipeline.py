@@ -95,8 +95,18 @@ def assert_stored_once(db_url: str, root: Path, session: Session) -> None:
     assert on_disk == sorted(session.path(root, m) for m in session.frames)  # no temp, no staging
 
 
+def queue_bytes(db_url: str, queue: str) -> tuple[int, int, int]:
+    """(messages, message bytes, messages holding JPEG base64) of `queue` in dramatiq.queue."""
+    return rows(db_url, "SELECT count(*), coalesce(sum(pg_column_size(message)), 0), "
+                        "count(*) FILTER (WHERE strpos(message::text, '/9j/') > 0) "
+                        f"FROM dramatiq.queue WHERE queue_name = '{queue}'")[0]
+
+
 def test_session_of_frames_end_to_end(pipeline, db_url):
-    p = start_all(pipeline)
+    # Stage by stage, so the queue can be inspected while it holds each hand-off
+    # (processed messages are deleted from it).
+    p = pipeline(EDGE_MEDIA_MAX_BYTES=str(MEDIA_MAX), EDGE_MEDIA_MIN_FREE_BYTES="0")
+    p.bridge()
     root = Path(p.env["EDGE_MEDIA_ROOT"])
     session = Session()
     jpeg = bird_frame(seed=7).data
@@ -111,6 +121,22 @@ def test_session_of_frames_end_to_end(pipeline, db_url):
            for data, kw, _ in invalid.values()]
     messages = session.messages()
     publish_all(p.env["EDGE_MQTT_URL"], messages[:4] + bad + messages[4:])
+    n = len(session.frames)
+
+    # The queue holds no image bytes: the bridge's ingest messages carry references...
+    wait_until(lambda: scalar(db_url, "SELECT coalesce(sum(jsonb_array_length(message->'args'->0)), 0) "
+                                      "FROM dramatiq.queue WHERE queue_name = 'ingest'") == n + 2,
+               60, "every valid message enqueued by the bridge")
+    count, size, with_jpeg = queue_bytes(db_url, "ingest")
+    assert with_jpeg == 0 and size < 1024 * (n + 2)  # frames are ~125 KB each
+    assert len(list((root / ".staging").iterdir())) == n  # the bytes are on the volume
+    # ...and so do the ingest worker's media messages.
+    p.worker("ingest")
+    wait_until(lambda: queue_bytes(db_url, "media")[0] == n, 60, "the media hand-offs")
+    count, size, with_jpeg = queue_bytes(db_url, "media")
+    assert with_jpeg == 0 and size < 1024 * n
+    p.worker("media")
+    p.worker("inference")
 
     assert_stored_once(db_url, root, session)
     monitoring = [m for m, (_, _, sid) in session.frames.items() if sid is None]
@@ -143,11 +169,9 @@ def test_session_of_frames_end_to_end(pipeline, db_url):
     details = " | ".join(r[0] for r in rows(db_url, "SELECT detail FROM ingress_dead_letters"))
     assert "truncated" in details and "50 megapixels" in details and "base64" in details
 
-    # The queue table holds no image bytes: every message is a small reference.
-    biggest, with_jpeg = rows(db_url, "SELECT max(pg_column_size(message)), "
-                                      "count(*) FILTER (WHERE strpos(message::text, '/9j/') > 0) "
-                                      "FROM dramatiq.queue")[0]
-    assert with_jpeg == 0 and biggest < 8 * 1024
+    # After the frames are stored, the queue table holds nothing of them.
+    assert rows(db_url, "SELECT count(*), coalesce(sum(pg_column_size(message)), 0) FROM dramatiq.queue "
+                        "WHERE strpos(message::text, '/9j/') > 0 OR state <> 'queued'") == [(0, 0)]
 
 
 @pytest.mark.parametrize("crash_at", ["media.before_rename", "media.before_commit"])
