@@ -15,12 +15,14 @@ for one frame, in order:
    file (event id + sha256), so it is reused; what a device never sends
    again is swept (`sweep_stale_staging`, at media-worker start and by
    retention).
-2. Media actor (`place`): the staged bytes are checked (size, sha256, image
+2. Media actor (actors/media.py), in one transaction holding an advisory
+   lock on the media_id: the staged bytes are checked (size, sha256, image
    type), the final folder is made (idempotent), resolved and checked to be
    inside the root (symlinks included), the staging file is renamed to the
    final path (same filesystem: atomic; the staging file is the "temp file"
-   of the atomic write) and both folders are fsynced. Then ONE transaction:
-   media_objects row, `media.stored` outbox event, inference hand-off.
+   of the atomic write) and both folders are fsynced; then the
+   media_objects row, the `media.stored` outbox event and the inference
+   hand-off are inserted and the transaction COMMITs.
    Crash before the rename: the redelivery starts over. Crash after the
    rename, before the commit: the staging file is gone and the final file
    holds the referenced bytes; the redelivery verifies them and commits the
