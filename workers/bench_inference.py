@@ -10,8 +10,9 @@ Three figures, all printed:
   real bridge, ingest, media and inference workers (scratch database, private
   Mosquitto: the ingest benchmark's setup, workers/bench.py) until every
   frame has its inference_results row; frames/s, publish -> result p50/p99
-  (the row is seen by polling every POLL_SECONDS), and the dramatiq.queue
-  bytes each frame added (message bytes, and table growth on disk).
+  (the row is seen by polling every POLL_SECONDS), the dramatiq.queue message
+  bytes each frame put in the queue table (logged by a trigger in the scratch
+  database: processed messages are deleted) and the table's size on disk.
 
 Not a test: the figures depend on the machine and what else runs on it.
 """
@@ -44,10 +45,20 @@ POLL_SECONDS = 0.02
 SETTLE_TIMEOUT_SECONDS = 300.0
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 TENANT, FARM, BARN, CAMERA = "bench-tenant", "bench-farm", "bench-barn", "bench-camera"
-QUEUE_BYTES = """
-    SELECT count(*), coalesce(sum(pg_column_size(message)), 0), pg_total_relation_size('dramatiq.queue')
-      FROM dramatiq.queue
+# Processed messages are deleted from the queue table, so what each frame put
+# there is logged as it is inserted (scratch database only).
+LOG_ENQUEUED = """
+    CREATE TABLE bench_enqueued (queue_name text NOT NULL, bytes integer NOT NULL);
+    CREATE FUNCTION bench_log_enqueued() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO bench_enqueued VALUES (NEW.queue_name, pg_column_size(NEW.message));
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER bench_log_enqueued AFTER INSERT ON dramatiq.queue
+        FOR EACH ROW EXECUTE FUNCTION bench_log_enqueued();
 """
+ENQUEUED = "SELECT queue_name, count(*), sum(bytes) FROM bench_enqueued GROUP BY 1 ORDER BY 1"
+TABLE_SIZE = "SELECT pg_total_relation_size('dramatiq.queue')"
 
 
 def say(text: str) -> None:
@@ -91,9 +102,9 @@ def model_only(settings: Settings, seconds: float) -> float:
 class ResultWatcher(threading.Thread):
     """Polls inference_results and notes when each media_id first shows up."""
 
-    def __init__(self, db: Any, expected: int) -> None:
+    def __init__(self, db: Any, expected: int, table_sizes: list[int]) -> None:
         super().__init__(daemon=True)
-        self.db, self.expected = db, expected
+        self.db, self.expected, self.table_sizes = db, expected, table_sizes
         self.seen: dict[str, float] = {}
         self.stopping = threading.Event()
 
@@ -102,6 +113,7 @@ class ResultWatcher(threading.Thread):
             now = time.time()
             for (media_id,) in self.db.all("SELECT media_id::text FROM inference_results"):
                 self.seen.setdefault(media_id, now)
+            self.table_sizes.append(self.db.one(TABLE_SIZE)[0])
             self.stopping.wait(POLL_SECONDS)
 
 
@@ -123,8 +135,12 @@ def end_to_end(settings: Settings, args: Any) -> bool:
             w.wait_for_log("Worker process is ready for action")
         assert bench.db is not None
         frames = [bird_frame(WIDTH, HEIGHT, scale=0.7 + 0.04 * i, seed=i).data for i in range(DISTINCT_FRAMES)]
-        rows0, message_bytes0, table0 = bench.db.one(QUEUE_BYTES)
-        watcher = ResultWatcher(bench.db.__class__(bench.db_url), args.frames)
+        bench.db.all("SELECT 1")  # connection ready
+        with bench.db.conn.cursor() as cur:
+            cur.execute(LOG_ENQUEUED)
+        (table0,) = bench.db.one(TABLE_SIZE)
+        peak = [table0]
+        watcher = ResultWatcher(bench.db.__class__(bench.db_url), args.frames, peak)
         cpu = CpuMeter({c.name: [c.pid] for c in [bridge, *workers]} | {"mosquitto": [bench.broker.pid]},
                        alone={"bench (publisher)": os.getpid()}, pg_processes=bench.pg_processes)
         cpu.start()
@@ -141,17 +157,21 @@ def end_to_end(settings: Settings, args: Any) -> bool:
             say(f"  FAIL: {done}/{args.frames} frames weighed after {SETTLE_TIMEOUT_SECONDS:.0f}s; "
                 f"logs in {bench.tmp}")
             return False
-        rows1, message_bytes1, table1 = bench.db.one(QUEUE_BYTES)
+        enqueued = bench.db.all(ENQUEUED)
+        (table1,) = bench.db.one(TABLE_SIZE)
         latencies = [watcher.seen[m] - published[m] for m in published]
         first = min(published.values())
         elapsed = max(watcher.seen.values()) - first
         say(f"  end to end           {args.frames / elapsed:,.1f} frames/s   publish → inference_results "
             f"{percentiles(latencies)}   ({args.frames} frames, "
             + (f"offered {args.rate:g}/s" if args.rate else "unpaced") + ")")
-        say(f"  queue table          {(message_bytes1 - message_bytes0) / args.frames:,.0f} message bytes "
-            f"per frame ({rows1 - rows0} rows added); table grew "
-            f"{(table1 - table0) / args.frames:,.0f} bytes per frame on disk "
-            f"(frames are {statistics.mean(map(len, frames)) / 1024:.0f} KiB; none of it in the queue)")
+        total = sum(b for _, _, b in enqueued)
+        say(f"  queue table          {total / args.frames:,.0f} message bytes enqueued per frame ("
+            + ", ".join(f"{q} {n} msgs {b / args.frames:,.0f} B/frame" for q, n, b in enqueued)
+            + f"); frames are {statistics.mean(map(len, frames)) / 1024:.0f} KiB, none of it in the queue")
+        say(f"  queue table on disk  {table0 / 1024:,.0f} KiB before, peak {max(peak) / 1024:,.0f} KiB "
+            f"during, {table1 / 1024:,.0f} KiB after (processed messages are deleted; vacuum reuses "
+            "the space)")
         for line in cpu.lines():
             say(line)
         return True
