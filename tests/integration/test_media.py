@@ -184,3 +184,46 @@ def test_a_second_event_with_the_same_media_id_never_replaces_the_file(db_url, t
         store_frame(s, second)
     [(path, sha)] = query(db_url, "SELECT path, sha256 FROM media_objects")
     assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha == first.staged.sha256
+
+
+@pytest.fixture
+def small_volume(tmp_path, monkeypatch):
+    """A 2 MiB tmpfs as the media volume when this process may mount one (root), else a
+    folder whose writes fail with ENOSPC while a marker file exists (injected)."""
+    import subprocess
+    root = tmp_path / "media"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root)],
+                             capture_output=True).returncode == 0
+    marker = tmp_path / "disk-full"
+    if not mounted:
+        monkeypatch.setenv("EDGE_ENOSPC_WHILE", str(marker))
+    yield root, mounted, marker
+    if mounted:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def test_full_volume_leaves_no_partial_file_and_recovers(small_volume):
+    root, mounted, marker = small_volume
+    frames = [bird_frame(seed=20 + i, quality=95) for i in range(40)]  # ~150 KB each: > 2 MiB
+    spool, stored = Spool(root, min_free_bytes=0), []
+    if not mounted:
+        marker.touch()
+    with pytest.raises(VolumeFull):
+        for frame in frames:
+            stored.append(spool.event_json(parsed(frame.data))["staged"]["name"])
+    spool.sync()
+    staging = staging_dir(root)
+    # Only whole frames: every file is one that was spooled, no temp file.
+    assert sorted(p.name for p in staging.iterdir()) == sorted(stored)
+    for name in stored:
+        data = (staging / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest().startswith(name.split("-")[1].split(".")[0])
+    # Space returns (a frame is placed elsewhere / retention): spooling resumes.
+    if mounted:
+        for name in stored[:3]:
+            (staging / name).unlink()
+    else:
+        marker.unlink()
+    queued = spool.event_json(parsed(frames[-1].data))
+    assert (staging / queued["staged"]["name"]).read_bytes() == frames[-1].data
