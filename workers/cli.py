@@ -92,12 +92,26 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from workers.up import run_up
-    return run_up(settings, state_dir=Path(args.state_dir), simulate=not args.no_simulate)
+    return run_up(settings, state_dir=Path(args.state_dir), simulate=not args.no_simulate,
+                  show_logs=args.logs, interval=args.interval)
 
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "ingress":
+        from workers import dlq_ingress
+        return dlq_ingress.run(settings, args)
     from workers import operator
     return operator.dlq(settings, args)
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.status import run_status
+    return run_status(settings.database_url, settings.media_root, watch=args.watch, interval=args.interval)
+
+
+def cmd_capacity(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.capacity import run_capacity
+    return run_capacity(settings, args)
 
 
 def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
@@ -144,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "when EDGE_DATABASE_URL / EDGE_MQTT_URL are unset)")
     p.add_argument("--state-dir", default=".farmiq", help="embedded data and media (default .farmiq)")
     p.add_argument("--no-simulate", action="store_true", help="do not start the device simulator")
+    p.add_argument("--logs", action="store_true",
+                   help="also print process logs on the terminal (always in <state-dir>/logs/)")
+    p.add_argument("--interval", type=float, default=2.0, help="live view refresh in seconds (default 2)")
+
+    p = command("status", cmd_status, "one screen of queues, ingress, aggregation, sync, media and "
+                                      "retention, read from the database (no Prometheus needed)")
+    p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="--watch refresh in seconds (default 2)")
+
+    p = command("capacity", cmd_capacity, "database and media volume sizes for an offline window "
+                                          "plus the retention windows")
+    from workers.capacity import add_arguments as add_capacity_arguments
+    add_capacity_arguments(p)
 
     p = command("health", cmd_health, "exit 0 when the database answers and the schema is current")
     p.add_argument("--heartbeat", help="also require this file to be recently touched")
@@ -162,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--all", action="store_true", help="every rejected message")
         if action in ("list", "redrive", "purge"):
             a.add_argument("--queue", help="only this queue")
+    from workers.dlq_ingress import add_arguments as add_dlq_ingress_arguments
+    add_dlq_ingress_arguments(dlq.add_parser(
+        "ingress", help="MQTT messages rejected at ingress: list, show, re-drive, purge",
+        description="MQTT messages rejected at ingress (ingress_dead_letters): list, show, "
+                    "re-drive with today's rules, purge"))
 
     p = command("outbox", cmd_outbox, "cloud sync outbox: status, re-drive failed events")
     outbox = p.add_subparsers(dest="action", required=True, metavar="ACTION")

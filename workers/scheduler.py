@@ -36,6 +36,12 @@ def run_scheduler(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     table = jobs()
+    if settings.metrics_port:  # database gauges for the dashboard and alerts (workers/db_metrics.py)
+        from prometheus_client import start_http_server
+
+        from workers.db_metrics import register_database_metrics
+        register_database_metrics(settings.database_url, settings.media_root)
+        start_http_server(settings.metrics_port)
     log.info("event=scheduler_started jobs=%s", ",".join(f"{j.name}/{j.every_seconds}s" for j in table))
     while not stopping.is_set():
         now = time.monotonic()
