@@ -46,8 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from actors.faults import crash_point, enospc_point
-from actors.metrics import (MEDIA_BYTES_WRITTEN, MEDIA_VOLUME_FREE, MEDIA_VOLUME_PRESSURE,
-                            MEDIA_VOLUME_SIZE)
+from actors.metrics import MEDIA_BYTES_WRITTEN, MEDIA_VOLUME_PRESSURE
 from models.media_path import STAGING_DIR, STAGING_NAME_RE, staging_name
 from models.messages import MediaEvent, StagedImage, decode_image_b64
 
@@ -65,10 +64,7 @@ class OutsideRoot(Exception):
 
 def free_bytes(root: Path) -> int:
     st = os.statvfs(root)
-    free = st.f_bavail * st.f_frsize
-    MEDIA_VOLUME_FREE.set(free)
-    MEDIA_VOLUME_SIZE.set(st.f_blocks * st.f_frsize)
-    return free
+    return st.f_bavail * st.f_frsize
 
 
 class _Pressure:

@@ -26,10 +26,7 @@ AGG_LAG = Gauge("farmiq_edge_aggregation_lag_seconds",
 # Media and inference (issue 8).
 MEDIA_BYTES_WRITTEN = Counter("farmiq_edge_media_bytes_written_total",
                               "Frame bytes written to the media volume (spooled once by the bridge).")
-MEDIA_VOLUME_FREE = Gauge("farmiq_edge_media_volume_free_bytes",
-                          "Free bytes on the media volume at the last write.", multiprocess_mode="min")
-MEDIA_VOLUME_SIZE = Gauge("farmiq_edge_media_volume_size_bytes",
-                          "Size of the media volume.", multiprocess_mode="max")
+# Free and total bytes of the media volume: workers/db_metrics.py (scheduler, at scrape time).
 MEDIA_VOLUME_PRESSURE = Gauge("farmiq_edge_media_volume_full",
                               "1 while frames are held because the media volume is full.",
                               multiprocess_mode="max")
