@@ -59,7 +59,8 @@ def test_snapshot_reads_every_figure_from_the_database(db_url, tmp_path):
     assert s.outbox_oldest_pending_seconds is not None
     assert 50 < s.last_ack_seconds < 300  # the newest ack: t2, a minute ago
     assert s.max_consecutive_failures == 4 and s.paused_tenants == ["t1"]
-    assert s.retention is None and s.inference_backlog is None  # tables of other work: n/a
+    assert s.retention is None  # the retention work's table: n/a
+    assert s.inference_backlog == 0  # inference_pending (migration 0005), empty
     assert s.volume.exact and s.volume.free_bytes > 0
 
     console = Console(force_terminal=True, width=110, record=True)
