@@ -5,6 +5,7 @@ from datetime import timedelta
 from uuid import uuid4
 
 import numpy as np
+import pytest
 import onnx
 
 from actors.inference import infer_batch, refresh_summary
@@ -134,3 +135,26 @@ def test_a_frame_whose_file_is_gone_is_skipped_not_waited_for(db_url, tmp_path):
     assert query(db_url, "SELECT count(*) FROM inference_results")[0][0] == 2
     [(_, summary)] = summaries(db_url)
     assert summary["frame_count"] == 2
+
+
+def test_another_model_via_edge_model_path_weighs_again_under_its_version(db_url, tmp_path):
+    from onnx import helper, numpy_helper
+    model = build_model.build()
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "law_a":  # a recalibrated law: twice the weight
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.array(2 * build_model.A, np.float32),
+                                                                        "law_a"))
+    del model.metadata_props[:]
+    helper.set_model_props(model, {"model_version": "recalibrated-2"})
+    path = tmp_path / "other.onnx"
+    path.write_bytes(model.SerializeToString())
+    s = settings(db_url, tmp_path / "media", model_path=str(path))  # a valid EDGE_MODEL_PATH
+
+    event = store(db_url, tmp_path / "media", bird_frame(seed=3), session_id=None)
+    assert run(db_url, WeightModel()) == 1
+    query(db_url, "INSERT INTO inference_pending (media_id) VALUES (%s)", (str(event.media_id),))
+    other = WeightModel(s.model_path)
+    assert other.version == "recalibrated-2"
+    assert run(db_url, other) == 1
+    weights = dict(query(db_url, "SELECT model_version, predicted_weight_kg FROM inference_results"))
+    assert weights["recalibrated-2"] == pytest.approx(2 * weights[build_model.MODEL_VERSION], rel=1e-5)
