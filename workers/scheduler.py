@@ -100,7 +100,7 @@ def jobs() -> list[Job]:
     from actors.outbox import forward_outbox
     from actors.retention import retention_job
     return [
-        Job("aggregate", 1.0, aggregate_pending, coalesce=True),
+        Job("aggregate", 1.0, aggregate_pending),
         Job("outbox", 1.0, forward_outbox, coalesce=True),
         Job("retention.partitions", 600.0, retention_job, ("partitions",)),
         Job("retention.media", 900.0, retention_job, ("media",)),

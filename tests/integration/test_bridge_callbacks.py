@@ -95,8 +95,9 @@ def test_ack_never_crosses_a_reconnect_to_a_reused_packet_id(db_url, fake_broker
     def slow_commit(settings, deliveries):  # the first commit waits until the test says so
         in_commit.set()
         release.wait(60)
-        real_commit(settings, deliveries)
+        held = real_commit(settings, deliveries)
         committed.extend(d.payload for d in deliveries)
+        return held
 
     monkeypatch.setattr(bridge_module, "commit_batch", slow_commit)
     run_bridge()
