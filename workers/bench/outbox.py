@@ -32,8 +32,8 @@ from models.settings import Settings
 from schema.databases import create_database, database_answers
 from workers.bench.ingest import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Bench, BenchError, CpuMeter, Db,
                                   RssSampler, _mb, _redact, say)
-from workers.embedded import free_port
-from workers.processes import NotReady, edge_command
+from workers.dev.embedded import free_port
+from workers.dev.processes import NotReady, edge_command
 
 FILL_CHUNK = 100_000
 TENANT = "bench-tenant"
@@ -68,7 +68,7 @@ UNFINISHED = """
 class OutboxBench(Bench):
     def setup(self) -> None:
         from schema.migrate import migrate
-        from workers.embedded import start_postgres
+        from workers.dev.embedded import start_postgres
         self.admin_url = self.settings.database_url
         if not database_answers(self.admin_url):
             say(f"no PostgreSQL answers at {_redact(self.admin_url)}; starting an embedded one (pgserver)")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from workers.bench_mqtt import _varint
+from workers.bench.mqtt import _varint
 
 PUBACK = 0x40
 

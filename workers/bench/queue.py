@@ -2,7 +2,7 @@
 
 A scratch database on EDGE_DATABASE_URL's server (migrated, dropped at the
 end). For each broker: write the backlog straight into `dramatiq.queue`, start
-`dramatiq workers.bench_queue_actors --processes P --threads T` (the same CLI,
+`dramatiq workers.bench.queue_actors --processes P --threads T` (the same CLI,
 processes and threads for both), and time from the first message taken to the
 queue empty. Sampled meanwhile: pg_locks rows of the database (all, and
 advisory) and the workers' RSS (whole process tree).
@@ -27,11 +27,11 @@ from dramatiq.message import Message
 
 from models.settings import Settings
 from schema.databases import create_database, database_answers, drop_database
-from workers.bench import Db, RssSampler, say
-from workers.bench_queue_actors import ACTOR, EDGE_QUEUE, STOCK_QUEUE
-from workers.processes import EdgeProcess
+from workers.bench.ingest import Db, RssSampler, say
+from workers.bench.queue_actors import ACTOR, EDGE_QUEUE, STOCK_QUEUE
+from workers.dev.processes import EdgeProcess
 
-EXIT_OK, EXIT_FAILURE = 0, 1
+from workers.exit_codes import EXIT_FAILURE, EXIT_OK
 SAMPLE_SECONDS = 0.1
 
 LOCKS = """
@@ -76,9 +76,9 @@ def drain(db_url: str, tmp: Path, run: Run, queue: str, *, processes: int, threa
           timeout: float, stock: bool) -> Run:
     write_backlog(db_url, queue, run.n)
     env = {"EDGE_DATABASE_URL": db_url, "EDGE_METRICS_PORT": "0", "FARMIQ_BENCH_STOCK": "1" if stock else "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, "-m", "dramatiq", "workers.bench_queue_actors", "--queues", queue,
+    argv = [sys.executable, "-m", "dramatiq", "workers.bench.queue_actors", "--queues", queue,
             "--processes", str(processes), "--threads", str(threads)]
     db = Db(db_url)
     worker = EdgeProcess(f"{run.name}-workers", argv, env, tmp / f"{run.name}.log").start()
@@ -112,7 +112,7 @@ def run_queue_bench(settings: Settings, args: Any) -> int:
     admin_url = settings.database_url
     services = []
     if not database_answers(admin_url):
-        from workers.embedded import start_postgres
+        from workers.dev.embedded import start_postgres
         pg = start_postgres(Path(tempfile.mkdtemp(prefix="farmiq-benchq-")) / "pgdata")
         services.append(pg)
         admin_url = pg.url
