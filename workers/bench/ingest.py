@@ -449,9 +449,10 @@ class Bench:
 
     # -- setup and teardown --------------------------------------------------
 
-    def setup(self) -> None:
+    def setup_database(self) -> None:
+        """A migrated scratch database on EDGE_DATABASE_URL's server (embedded if none answers)."""
         from schema.migrate import migrate
-        from workers.dev.embedded import MOSQUITTO, start_mosquitto, start_mqtt, start_postgres
+        from workers.dev.embedded import start_postgres
 
         self.admin_url = self.settings.database_url
         if not database_answers(self.admin_url):
@@ -463,6 +464,10 @@ class Bench:
         migrate(self.db_url)
         self.db = Db(self.db_url)
 
+    def setup(self) -> None:
+        from workers.dev.embedded import MOSQUITTO, start_mosquitto, start_mqtt
+
+        self.setup_database()
         if MOSQUITTO.exists():
             self.broker = start_mosquitto(MOSQUITTO_CONFIG, self.tmp / "mosquitto")
             broker_name = f"Mosquitto ({MOSQUITTO}) with {MOSQUITTO_CONFIG.relative_to(ROOT)}"

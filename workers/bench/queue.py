@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,7 @@ import psycopg2
 from dramatiq.message import Message
 
 from models.settings import Settings
-from schema.databases import create_database, database_answers, drop_database
-from workers.bench.ingest import Db, RssSampler, say
+from workers.bench.ingest import Bench, Db, RssSampler, say
 from workers.bench.queue_actors import ACTOR, EDGE_QUEUE, STOCK_QUEUE
 from workers.dev.processes import EdgeProcess
 
@@ -109,19 +107,10 @@ def drain(db_url: str, tmp: Path, run: Run, queue: str, *, processes: int, threa
 
 
 def run_queue_bench(settings: Settings, args: Any) -> int:
-    admin_url = settings.database_url
-    services = []
-    if not database_answers(admin_url):
-        from workers.dev.embedded import start_postgres
-        pg = start_postgres(Path(tempfile.mkdtemp(prefix="farmiq-benchq-")) / "pgdata")
-        services.append(pg)
-        admin_url = pg.url
-    name = f"farmiq_benchq_{os.getpid()}"
-    tmp = Path(tempfile.mkdtemp(prefix="farmiq-benchq-"))
-    from schema.migrate import migrate
-    db_url = create_database(admin_url, name)
+    bench = Bench(settings, args)
     try:
-        migrate(db_url)
+        bench.setup_database()
+        db_url, tmp = bench.db_url, bench.tmp
         say(f"queue bench: {args.processes} worker processes × {args.threads} threads, no-op actor; logs in {tmp}")
         ours = drain(db_url, tmp, Run("ours", args.messages), EDGE_QUEUE, processes=args.processes,
                      threads=args.threads, timeout=args.timeout, stock=False)
@@ -133,15 +122,11 @@ def run_queue_bench(settings: Settings, args: Any) -> int:
             report(stock)
         if stock and stock.done and ours.done:
             say(f"ratio      ours / stock dramatiq-pg: {ours.rate / stock.rate:.1f}× messages/s")
-        left = Db(db_url)
-        size = left.one("SELECT pg_total_relation_size('dramatiq.queue')")[0]
-        left.close()
+        size = bench.db.one("SELECT pg_total_relation_size('dramatiq.queue')")[0]
         say(f"table      dramatiq.queue {size / 2**20:.1f} MiB after the runs (acked rows deleted)")
         return EXIT_OK if ours.done else EXIT_FAILURE
     finally:
-        drop_database(admin_url, name)
-        for s in services:
-            s.stop()
+        bench.teardown()
 
 
 def report(run: Run) -> None:
