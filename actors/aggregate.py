@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 
 import dramatiq
 
-import actors.log_hygiene  # noqa: F401 - no payloads or SQL values in dramatiq's logs
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 

@@ -43,7 +43,7 @@ from dramatiq.middleware import (AgeLimit, Callbacks, Pipelines, Prometheus, Ret
 from psycopg2.extras import Json
 
 import actors.log_hygiene  # noqa: F401 - no payloads or SQL values in dramatiq's logs, in every worker
-from actors.dead_letters import DeadLetters, retry_unless_permanent
+from actors.queue_dead_letters import DeadLetters, retry_unless_permanent
 from actors.gc_tuning import GcTuning
 from actors.queue_consumer import EdgeConsumer
 from models.settings import Settings, get_settings

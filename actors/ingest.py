@@ -16,17 +16,16 @@ from typing import Any
 
 import dramatiq
 
-import actors.log_hygiene  # noqa: F401 - no payloads or SQL values in dramatiq's logs
 from dramatiq.message import Message
 from pydantic import ValidationError
 from sqlalchemy import Connection, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from actors.dead_letters import PermanentError
+from actors.queue_dead_letters import PermanentError
 from actors.database_outage import ride_out_database_outage
 from actors.faults import crash_point
 from actors.metrics import INGRESS_ACCEPTED, INGRESS_DUPLICATES, INGRESS_REJECTED
-from models.dead_letters import dead_letter_row
+from models.ingress_dead_letters import dead_letter_row
 from models.messages import INGRESS_EVENTS, MediaEvent, SessionEvent, TelemetryEvent
 from models.outbox_events import outbox_row
 from models.ids import new_id

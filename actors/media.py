@@ -24,7 +24,7 @@ from dramatiq.middleware import Middleware
 from pydantic import ValidationError
 from sqlalchemy import Connection, insert, select, text
 
-from actors.dead_letters import PermanentError
+from actors.queue_dead_letters import PermanentError
 from actors.faults import crash_point
 from actors.media_volume import (OutsideRoot, contained, fsync_dir, make_folder, sha256_of,
                                  staging_dir, sweep_stale_staging)

@@ -64,7 +64,7 @@ from actors.gc_tuning import tune_gc
 from actors.faults import crash_point
 from actors.media_volume import Spool, VolumeFull
 from actors.metrics import BRIDGE_BATCH_SECONDS, BRIDGE_BATCHES, INGRESS_REJECTED
-from models.dead_letters import dead_letter_row
+from models.ingress_dead_letters import dead_letter_row
 from models.messages import Rejected, parse_message
 from models.settings import Settings
 from models.tables import ingress_dead_letters

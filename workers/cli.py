@@ -18,7 +18,7 @@ import sqlalchemy.exc
 
 from models.settings import Settings, SettingsError, load_settings
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANNOT_CONNECT = 0, 1, 2, 3
+from workers.exit_codes import EXIT_CANNOT_CONNECT, EXIT_FAILURE, EXIT_OK, EXIT_USAGE  # noqa: F401
 QUEUES = ("ingest", "aggregate", "media", "inference", "outbox", "maintenance")
 # Actor modules by queue: `farmiq-edge worker --queues X` imports only these.
 ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate", "media": "actors.media",
@@ -84,7 +84,7 @@ def cmd_scheduler(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from workers.simulate import run_simulator
+    from workers.dev.simulate import run_simulator
     return run_simulator(settings, devices=args.devices, interval=args.interval)
 
 
@@ -125,18 +125,6 @@ def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    if args.what == "inference":
-        from workers.bench_inference import run_inference_bench
-        return run_inference_bench(settings, args)
-    if args.what == "queue":
-        from workers.bench_queue import run_queue_bench
-        return run_queue_bench(settings, args)
-    if args.what == "retention":
-        from workers.bench_retention import run_retention_bench
-        return run_retention_bench(settings, args)
-    if args.what == "fuzz":
-        from workers.dev.fuzz_bench import run_fuzz_bench
-        return run_fuzz_bench(settings, args)
     from workers.bench import run_bench
     return run_bench(settings, args)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from models.dead_letters import MAX_DEAD_LETTER_PAYLOAD
+from models.ingress_dead_letters import MAX_DEAD_LETTER_PAYLOAD
 from models.settings import Settings
 from schema.db import raw_cursor, transaction
 from workers.capacity import parse_duration
@@ -38,7 +38,7 @@ from workers.capacity import parse_duration
 # Imported where used, so that building the CLI's parser stays light:
 # models.messages (validation, Pillow), workers.status (rich), actors.* (the broker).
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+from workers.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 PAGE = 500
 LIST_LIMIT = 50
 SHOW_PAYLOAD_BYTES = 4096

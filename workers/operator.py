@@ -3,7 +3,7 @@
 Two dead-letter stores (SPEC §1.5) and the cloud sync outbox (SPEC §3):
 
 - rejected queue messages stay in dramatiq-pg's `dramatiq.queue` table with
-  state 'rejected'; the DeadLetters middleware (actors/dead_letters.py) records
+  state 'rejected'; the DeadLetters middleware (actors/queue_dead_letters.py) records
   why in `message.options.dead_letter_reason`, Retries keeps the traceback.
   They can be listed, shown, re-driven onto their queue, or purged. RETRIES
   is dramatiq's own `options.retries`: the number of failed attempts.
@@ -34,7 +34,7 @@ from sqlalchemy import text
 
 from models.settings import Settings
 from schema.db import transaction
-from workers.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from workers.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 OUTBOX_STATUSES = ("pending", "claimed", "sent", "acked", "failed")
 TOP_FAILURE_REASONS = 10

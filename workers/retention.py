@@ -12,14 +12,13 @@ Exit codes: 0 ok, 1 a job failed, 2 usage error, 3 cannot connect.
 """
 
 import argparse
-import sys
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import text
 
 from models.settings import Settings
 from schema.db import transaction
-from workers.cli import EXIT_FAILURE, EXIT_OK
+from workers.exit_codes import EXIT_FAILURE, EXIT_OK
 from workers.operator import _plural, _print_table, format_age, format_time
 
 ESTIMATE_ABOVE = 1_000_000

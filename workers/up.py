@@ -48,7 +48,7 @@ def run_up(settings: Settings, *, state_dir: Path, simulate: bool, show_logs: bo
     from rich.console import Console
 
     from schema.migrate import migrate
-    from workers.embedded import start_mqtt, start_postgres
+    from workers.dev.embedded import start_mqtt, start_postgres
     from workers.process_logs import ProcessLogs
     from workers.status import LiveView
 
@@ -76,7 +76,7 @@ def run_up(settings: Settings, *, state_dir: Path, simulate: bool, show_logs: bo
         manager = Manager(printer=logs)
         commands = procfile_commands()
         if "cloud_url" not in settings.model_fields_set:
-            from workers.embedded import free_port
+            from workers.dev.embedded import free_port
             port = free_port()
             env["EDGE_CLOUD_URL"] = f"http://127.0.0.1:{port}"
             commands = {"cloud-sink": [sys.executable, "-m", "workers.cli", "cloud-sink", "--port", str(port),

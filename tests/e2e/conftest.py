@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.processes import edge_env, wait_until
-from workers.processes import EdgeProcess, edge_command
+from workers.dev.processes import EdgeProcess, edge_command
 from schema.migrate import migrate
 from tests.support.services import burst_mqtt
-from workers.embedded import start_postgres
+from workers.dev.embedded import start_postgres
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from schema.db import engine_for, transaction
 from tests.integration.test_aggregate import REFERENCE, assert_agg_equals_group_by
 from tests.support import corpus
 from tests.support.processes import edge_env, queue_idle, scalar, wait_until
-from workers.processes import EdgeProcess, edge_command
+from workers.dev.processes import EdgeProcess, edge_command
 
 NOW = datetime.now(timezone.utc)
 DEVICES, MINUTES, METRICS = 4, 30, 100

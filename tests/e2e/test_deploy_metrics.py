@@ -25,7 +25,7 @@ from actors.ingest import ingest_batch
 from tests.support.corpus import telemetry_payload, topic
 from tests.support.processes import scalar, wait_until
 from tests.support.publisher import publish_all
-from workers.embedded import free_port
+from workers.dev.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = re.compile(r"\b((?:farmiq_edge|dramatiq)_[A-Za-z0-9_]+)")

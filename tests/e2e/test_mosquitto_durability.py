@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tests.support.publisher import publish_all
 from tests.support.services import MOSQUITTO_CONFIG
-from workers.bench_mqtt import create_session, drain_session
-from workers.embedded import start_mosquitto
+from workers.bench.mqtt import create_session, drain_session
+from workers.dev.embedded import start_mosquitto
 
 TOPIC = "farmiq/v1/t/f/b/d/telemetry"
 WINDOW_MESSAGES = 1000

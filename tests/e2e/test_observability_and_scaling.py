@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from tests.support.corpus import telemetry_payload, topic
 from tests.support.processes import queue_idle, scalar, wait_until
 from tests.support.publisher import publish_all
-from workers.embedded import free_port
+from workers.dev.embedded import free_port
 
 
 def scrape(port: int) -> str:

@@ -12,8 +12,8 @@ import pytest
 from tests.e2e.test_observability_and_scaling import sample, scrape
 from tests.support.processes import scalar, wait_until
 from tests.support.sink import SinkProcess, add_pending, outbox_env
-from workers.embedded import free_port
-from workers.processes import ROOT, EdgeProcess, edge_command
+from workers.dev.embedded import free_port
+from workers.dev.processes import ROOT, EdgeProcess, edge_command
 
 
 class Edge:

@@ -18,7 +18,7 @@ from psycopg2.extras import Json, execute_values
 from actors.queue_consumer import LEASE_SECONDS, SWEEP_SECONDS
 from tests.support.processes import edge_env, scalar, wait_until
 from tests.support.queue_probe import CREATE_TABLE, QUEUE
-from workers.processes import EdgeProcess
+from workers.dev.processes import EdgeProcess
 
 WORKERS = 3
 

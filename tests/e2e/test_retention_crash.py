@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg2
 
 from tests.support.processes import SCHEDULED_SLOTS, edge_env, scalar, wait_until
-from workers.processes import EdgeProcess, edge_command
+from workers.dev.processes import EdgeProcess, edge_command
 from workers.scheduler import jobs
 
 

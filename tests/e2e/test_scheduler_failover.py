@@ -10,7 +10,7 @@ from collections import Counter
 from datetime import datetime
 
 from tests.support.processes import SCHEDULED_SLOTS, edge_env, scalar, wait_until
-from workers.processes import EdgeProcess, edge_command
+from workers.dev.processes import EdgeProcess, edge_command
 
 
 def test_kill_the_leader_and_the_standby_takes_over_without_a_duplicate_slot(db_url, tmp_path):

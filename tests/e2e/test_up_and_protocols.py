@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from tests.support.corpus import telemetry_payload, topic
 from tests.support.processes import queue_idle, scalar, wait_until
-from workers.processes import ROOT
+from workers.dev.processes import ROOT
 from tests.support.publisher import publish_all
 
 

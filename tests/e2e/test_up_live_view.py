@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.processes import scalar, wait_until
-from workers.processes import ROOT
+from workers.dev.processes import ROOT
 
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 

@@ -21,7 +21,7 @@ from dramatiq_pg import PostgresBroker
 from psycopg2.extras import Json, execute_values
 
 from actors.broker import EdgeBroker
-from actors.dead_letters import DeadLetters
+from actors.queue_dead_letters import DeadLetters
 from actors.queue_consumer import CLAIM, EdgeConsumer
 
 THREADS = 4

@@ -9,7 +9,7 @@ import pytest
 
 import actors.ingest
 from actors.ingest import ingest_batch, ingest_isolated
-from models.dead_letters import MAX_DEAD_LETTER_PAYLOAD
+from models.ingress_dead_letters import MAX_DEAD_LETTER_PAYLOAD
 from models.messages import INGRESS_EVENTS
 from models.settings import load_settings
 from schema.db import transaction

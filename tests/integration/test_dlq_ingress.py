@@ -14,14 +14,14 @@ import psycopg2
 import pytest
 from sqlalchemy import insert
 
-from models.dead_letters import MAX_DEAD_LETTER_PAYLOAD, dead_letter_row
+from models.ingress_dead_letters import MAX_DEAD_LETTER_PAYLOAD, dead_letter_row
 from models.messages import Rejected, parse_message
 from models.tables import ingress_dead_letters
 from schema.db import transaction
 from tests.support import corpus
 from tests.support.processes import edge_env, queue_idle, scalar, wait_until
 from workers.cli import main
-from workers.processes import EdgeProcess, edge_command
+from workers.dev.processes import EdgeProcess, edge_command
 
 NOW = datetime.now(timezone.utc)
 

@@ -14,7 +14,7 @@ from uuid import UUID, uuid4
 import psycopg2
 import pytest
 
-from actors.dead_letters import PermanentError
+from actors.queue_dead_letters import PermanentError
 from actors.media import named_in_queue, store_frame
 from actors.media_volume import Spool, VolumeFull, staging_dir, sweep_stale_staging
 from models.media_path import media_path

@@ -12,7 +12,7 @@ from uuid import UUID
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from actors.dead_letters import PermanentError
+from actors.queue_dead_letters import PermanentError
 from actors.media import store_frame
 from actors.media_volume import Spool, staging_dir
 from models.messages import MediaEvent, StagedImage

@@ -6,7 +6,7 @@ import sys
 import psycopg2
 
 from schema.migrate import load_migrations, pending_migrations
-from workers.processes import ROOT
+from workers.dev.processes import ROOT
 
 EXPECTED_TABLES = {"telemetry_raw", "telemetry_agg", "telemetry_agg_pending", "weight_sessions",
                    "media_objects", "inference_results", "sync_outbox", "sync_state", "ingress_dedupe",

@@ -23,7 +23,7 @@ from models.settings import load_settings
 from tests.support.corpus import telemetry_payload, topic
 from tests.support.processes import scalar, wait_until
 from workers.bridge import Bridge
-from workers.embedded import start_mosquitto
+from workers.dev.embedded import start_mosquitto
 
 USER, PASSWORD = "farmiq-bridge", "s3cret:with@odd/chars"
 QUEUED_EVENT_IDS = ("SELECT count(DISTINCT e->>'event_id') FROM dramatiq.queue q, "

@@ -21,7 +21,7 @@ from dramatiq.message import Message
 from psycopg2.extras import Json
 
 from actors.broker import EdgeBroker, edge_middleware
-from actors.dead_letters import PermanentError, retry_unless_permanent
+from actors.queue_dead_letters import PermanentError, retry_unless_permanent
 from models.ids import new_id
 from models.settings import load_settings
 from workers.cli import main

@@ -18,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.support.services import MOSQUITTO_CONFIG, database_admin_url
-from workers.embedded import BrokerProcess, start_mosquitto, start_mqtt, start_postgres
+from workers.dev.embedded import BrokerProcess, start_mosquitto, start_mqtt, start_postgres
 
 
 

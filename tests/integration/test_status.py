@@ -8,7 +8,7 @@ from sqlalchemy import insert, text
 
 from actors.broker import broker
 from actors.ingest import ingest_batch, ingest_events
-from models.dead_letters import dead_letter_row
+from models.ingress_dead_letters import dead_letter_row
 from models.messages import INGRESS_EVENTS
 from models.tables import ingress_dead_letters
 from schema.db import raw_cursor, transaction

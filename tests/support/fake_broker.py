@@ -10,7 +10,7 @@ import queue
 import socket
 import threading
 
-from workers.bench_mqtt import _varint, recv_exact
+from workers.bench.mqtt import _varint, recv_exact
 
 
 def _packet(first: int, body: bytes) -> bytes:

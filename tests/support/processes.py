@@ -1,4 +1,4 @@
-"""Helpers for tests that run farmiq-edge processes (workers.processes.EdgeProcess)."""
+"""Helpers for tests that run farmiq-edge processes (workers.dev.processes.EdgeProcess)."""
 
 import time
 from collections.abc import Callable

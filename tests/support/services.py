@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from schema.databases import database_answers
-from workers.embedded import (MOSQUITTO, EmbeddedService, start_mosquitto, start_mqtt,
+from workers.dev.embedded import (MOSQUITTO, EmbeddedService, start_mosquitto, start_mqtt,
                               start_postgres)
 
 MOSQUITTO_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"

@@ -8,8 +8,8 @@ from typing import Any
 
 import psycopg2
 
-from workers.embedded import free_port
-from workers.processes import EdgeProcess, edge_command
+from workers.dev.embedded import free_port
+from workers.dev.processes import EdgeProcess, edge_command
 
 TOKEN = "test-token"
 

@@ -12,7 +12,7 @@ setting can be tried without editing anything.
 
 Figures, all printed:
 - sustained rate: unique events accepted / (first publish → last commit), and
-  the publisher's own rate (workers/bench_mqtt.py);
+  the publisher's own rate (workers/bench/mqtt.py);
 - publish→commit latency p50/p99: telemetry_raw.ingested_at − occurred_at
   (occurred_at is stamped at publish time; ingested_at is now() of the ingest
   transaction, i.e. its start, so a figure is short by that transaction's
@@ -22,7 +22,7 @@ Figures, all printed:
   last commit → pending empty;
 - correctness: exact row counts, aggregates equal to GROUP BY over the raw
   rows; FAIL (exit 1) on any mismatch;
-- references: (a) the naive pipeline (workers/bench_naive.py), bounded to
+- references: (a) the naive pipeline (workers/bench/naive.py), bounded to
   NAIVE_MAX_MESSAGES / NAIVE_MAX_SECONDS, (b) bare MQTT (publisher → paho QoS 1
   subscriber, no database); and the ratios.
 - CPU seconds per component during the run, to show where the machine's time
@@ -54,8 +54,8 @@ import psycopg2
 
 from models.settings import Settings
 from schema.databases import create_database, database_answers, drop_database
-from workers import bench_mqtt
-from workers.processes import ROOT, EdgeProcess, NotReady, edge_command
+from workers.bench import mqtt as bench_mqtt
+from workers.dev.processes import ROOT, EdgeProcess, NotReady, edge_command
 
 MOSQUITTO_CONFIG = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
 POLL_SECONDS = 0.5             # database progress poll (also the lag sampling period)
@@ -67,7 +67,7 @@ NAIVE_MAX_MESSAGES = 10_000
 NAIVE_MAX_SECONDS = 60.0
 BARE_TIMEOUT_SECONDS = 120.0
 WINDOW_UNITS = {"1m": "minute", "1h": "hour", "1d": "day"}
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+from workers.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
 # --- child processes -----------------------------------------------------------
@@ -449,9 +449,10 @@ class Bench:
 
     # -- setup and teardown --------------------------------------------------
 
-    def setup(self) -> None:
+    def setup_database(self) -> None:
+        """A migrated scratch database on EDGE_DATABASE_URL's server (embedded if none answers)."""
         from schema.migrate import migrate
-        from workers.embedded import MOSQUITTO, start_mosquitto, start_mqtt, start_postgres
+        from workers.dev.embedded import start_postgres
 
         self.admin_url = self.settings.database_url
         if not database_answers(self.admin_url):
@@ -463,6 +464,10 @@ class Bench:
         migrate(self.db_url)
         self.db = Db(self.db_url)
 
+    def setup(self) -> None:
+        from workers.dev.embedded import MOSQUITTO, start_mosquitto, start_mqtt
+
+        self.setup_database()
         if MOSQUITTO.exists():
             self.broker = start_mosquitto(MOSQUITTO_CONFIG, self.tmp / "mosquitto")
             broker_name = f"Mosquitto ({MOSQUITTO}) with {MOSQUITTO_CONFIG.relative_to(ROOT)}"
@@ -725,10 +730,10 @@ class Bench:
         self.reset_tables()
         client_id = f"farmiq-bench-naive-{os.getpid()}"
         prepare_session(self.broker.url, client_id, self.protocol, self.settings.mqtt_session_expiry_seconds)
-        worker = self.start_child("naive-worker", [sys.executable, "-m", "dramatiq", "workers.bench_naive",
+        worker = self.start_child("naive-worker", [sys.executable, "-m", "dramatiq", "workers.bench.naive",
                                                    "--queues", "bench_naive", "--processes", "1",
                                                    "--threads", str(self.settings.worker_threads)])
-        sub = self.start_child("naive-subscriber", [sys.executable, "-m", "workers.bench_naive", "subscribe"],
+        sub = self.start_child("naive-subscriber", [sys.executable, "-m", "workers.bench.naive", "subscribe"],
                                EDGE_MQTT_CLIENT_ID=client_id)
         worker.wait_for_log("Worker process is ready for action")
         sub.wait_for_log("event=naive_subscriber_connected")

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import psutil
 
-from workers.bench_mqtt import RawPublisher, _utf8, _varint, create_session, drain_session
-from workers.embedded import start_mosquitto
+from workers.bench.mqtt import RawPublisher, _utf8, _varint, create_session, drain_session
+from workers.dev.embedded import start_mosquitto
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
 TOPIC = "farmiq/v1/t/f/b/d/telemetry"

@@ -29,11 +29,10 @@ import time
 from typing import Any
 
 from models.settings import Settings
-from schema.databases import create_database, database_answers
-from workers.bench.ingest import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Bench, BenchError, CpuMeter, Db,
+from workers.bench.ingest import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Bench, BenchError, CpuMeter,
                                   RssSampler, _mb, _redact, say)
-from workers.embedded import free_port
-from workers.processes import NotReady, edge_command
+from workers.dev.embedded import free_port
+from workers.dev.processes import NotReady, edge_command
 
 FILL_CHUNK = 100_000
 TENANT = "bench-tenant"
@@ -67,17 +66,7 @@ UNFINISHED = """
 
 class OutboxBench(Bench):
     def setup(self) -> None:
-        from schema.migrate import migrate
-        from workers.embedded import start_postgres
-        self.admin_url = self.settings.database_url
-        if not database_answers(self.admin_url):
-            say(f"no PostgreSQL answers at {_redact(self.admin_url)}; starting an embedded one (pgserver)")
-            pg = start_postgres(self.tmp / "pgdata")
-            self.services.append(pg)
-            self.admin_url = pg.url
-        self.db_url = create_database(self.admin_url, self.db_name)
-        migrate(self.db_url)
-        self.db = Db(self.db_url)
+        self.setup_database()
         self._execute("SET enable_seqscan = off", {})
         self.sink_port, self.sink_admin = free_port(), free_port()
         self.env = {"EDGE_DATABASE_URL": self.db_url, "EDGE_METRICS_PORT": "0",

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psycopg2
 
-from models.dead_letters import MAX_DEAD_LETTER_PAYLOAD
+from models.ingress_dead_letters import MAX_DEAD_LETTER_PAYLOAD
 from models.messages import REJECT_REASONS
 from workers.dev import mqtt_raw
 from workers.dev.fuzz_corpus import TENANT, Case, Valid, markers_in

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from workers.bench_mqtt import _varint
+from workers.bench.mqtt import _varint, recv_exact
 
 PUBACK = 0x40
 
@@ -45,33 +45,23 @@ def _connect(mqtt_url: str, timeout: float) -> socket.socket:
     body = b"\x00\x04MQTT\x04" + bytes([flags]) + struct.pack("!H", 60) + _string(client_id) + tail
     sock = socket.create_connection(_address(mqtt_url), timeout=timeout)
     sock.sendall(b"\x10" + _varint(len(body)) + body)
-    connack = _read_exactly(sock, 4)
+    connack = recv_exact(sock, 4)
     if connack[:2] != b"\x20\x02" or connack[3] != 0:
         sock.close()
         raise ConnectionError(f"MQTT CONNECT refused: {connack!r}")
     return sock
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("connection closed by the broker")
-        data += chunk
-    return data
-
-
 def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
-    first = _read_exactly(sock, 1)[0]
+    first = recv_exact(sock, 1)[0]
     length, shift = 0, 0
     while True:
-        digit = _read_exactly(sock, 1)[0]
+        digit = recv_exact(sock, 1)[0]
         length |= (digit & 0x7F) << shift
         shift += 7
         if not digit & 0x80:
             break
-    return first & 0xF0, _read_exactly(sock, length) if length else b""
+    return first & 0xF0, recv_exact(sock, length) if length else b""
 
 
 def publish_packet(topic: bytes, payload: bytes, packet_id: int, *, retain: bool = False, qos: int = 1) -> bytes:

@@ -6,7 +6,7 @@ from dramatiq import Worker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Retries
 
-from actors.dead_letters import DeadLetters, PermanentError, retry_unless_permanent
+from actors.queue_dead_letters import DeadLetters, PermanentError, retry_unless_permanent
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """No-op actors for `farmiq-edge bench queue`: ours and stock dramatiq-pg's.
 
-`python -m dramatiq workers.bench_queue_actors` loads ours (queue `bench_noop`);
+`python -m dramatiq workers.bench.queue_actors` loads ours (queue `bench_noop`);
 with FARMIQ_BENCH_STOCK=1 it loads the stock dramatiq-pg broker instead
 (queue `bench_stock`), so both run under the same CLI, processes and threads.
 """

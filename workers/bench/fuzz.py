@@ -19,12 +19,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from models.settings import Settings
-from workers.bench import Bench, say
+from workers.bench.ingest import Bench, say
 from workers.dev.fuzz_corpus import CATEGORIES, Limits, bad_corpus, valid_traffic
 from workers.dev.fuzz_run import interleave, send, verify, wait_settled
-from workers.processes import NotReady, edge_command
+from workers.dev.processes import NotReady, edge_command
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+from workers.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
 def run_fuzz_bench(settings: Settings, args: Any) -> int:

@@ -37,13 +37,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from actors.weight_model import WeightModel, to_input
 from models.settings import Settings
 from workers.dev.frames import bird_frame
-from workers.processes import NotReady, edge_command
+from workers.dev.processes import NotReady, edge_command
 
 WIDTH, HEIGHT = 640, 480
 DISTINCT_FRAMES = 16
 POLL_SECONDS = 0.02
 SETTLE_TIMEOUT_SECONDS = 300.0
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+from workers.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 TENANT, FARM, BARN, CAMERA = "bench-tenant", "bench-farm", "bench-barn", "bench-camera"
 # Processed messages are deleted from the queue table, so what each frame put
 # there is logged as it is inserted (scratch database only).
@@ -118,7 +118,7 @@ class ResultWatcher(threading.Thread):
 
 
 def end_to_end(settings: Settings, args: Any) -> bool:
-    from workers.bench import Bench, CpuMeter
+    from workers.bench.ingest import Bench, CpuMeter
 
     bench = Bench(settings, args)
     try:

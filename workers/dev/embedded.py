@@ -28,12 +28,12 @@ from urllib.parse import quote
 
 import psutil
 
-from workers.processes import die_with_parent
+from workers.dev.processes import die_with_parent
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 START_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 10.0
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class EmbeddedService:
@@ -173,7 +173,7 @@ def start_mqtt(port: int | None = None) -> BrokerProcess:
         p for p in (str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)}
 
     def make(p: int) -> BrokerProcess:
-        argv = [sys.executable, "-m", "workers.embedded", "amqtt", str(p)]
+        argv = [sys.executable, "-m", "workers.dev.embedded", "amqtt", str(p)]
         log_path = Path(tempfile.gettempdir()) / f"farmiq-amqtt-{p}.log"
         return BrokerProcess("amqtt", argv, p, log_path, env, keep_log=False)
 
@@ -310,4 +310,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["amqtt"] and len(sys.argv) == 3:
         _serve_amqtt(int(sys.argv[2]))
     else:
-        sys.exit("usage: python -m workers.embedded amqtt PORT")
+        sys.exit("usage: python -m workers.dev.embedded amqtt PORT")

@@ -5,8 +5,8 @@ actor: the design the bridge's micro-batching replaces. Same validation, same
 ingest code (`actors.ingest.ingest_events`), same durability (enqueue commits
 before the PUBACK; one transaction per event), just no batching.
 
-    python -m workers.bench_naive subscribe          # MQTT -> one enqueue per message
-    python -m dramatiq workers.bench_naive --queues bench_naive   # the worker
+    python -m workers.bench.naive subscribe          # MQTT -> one enqueue per message
+    python -m dramatiq workers.bench.naive --queues bench_naive   # the worker
 
 Only the benchmark starts these, against its scratch database and broker.
 """
@@ -91,4 +91,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s level=%(levelname)s %(message)s")
     if sys.argv[1:] == ["subscribe"]:
         sys.exit(subscribe())
-    sys.exit("usage: python -m workers.bench_naive subscribe")
+    sys.exit("usage: python -m workers.bench.naive subscribe")

@@ -2,7 +2,7 @@
 
 A scratch database on EDGE_DATABASE_URL's server (migrated, dropped at the
 end). For each broker: write the backlog straight into `dramatiq.queue`, start
-`dramatiq workers.bench_queue_actors --processes P --threads T` (the same CLI,
+`dramatiq workers.bench.queue_actors --processes P --threads T` (the same CLI,
 processes and threads for both), and time from the first message taken to the
 queue empty. Sampled meanwhile: pg_locks rows of the database (all, and
 advisory) and the workers' RSS (whole process tree).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,11 @@ import psycopg2
 from dramatiq.message import Message
 
 from models.settings import Settings
-from schema.databases import create_database, database_answers, drop_database
-from workers.bench import Db, RssSampler, say
-from workers.bench_queue_actors import ACTOR, EDGE_QUEUE, STOCK_QUEUE
-from workers.processes import EdgeProcess
+from workers.bench.ingest import Bench, Db, RssSampler, say
+from workers.bench.queue_actors import ACTOR, EDGE_QUEUE, STOCK_QUEUE
+from workers.dev.processes import EdgeProcess
 
-EXIT_OK, EXIT_FAILURE = 0, 1
+from workers.exit_codes import EXIT_FAILURE, EXIT_OK
 SAMPLE_SECONDS = 0.1
 
 LOCKS = """
@@ -76,9 +74,9 @@ def drain(db_url: str, tmp: Path, run: Run, queue: str, *, processes: int, threa
           timeout: float, stock: bool) -> Run:
     write_backlog(db_url, queue, run.n)
     env = {"EDGE_DATABASE_URL": db_url, "EDGE_METRICS_PORT": "0", "FARMIQ_BENCH_STOCK": "1" if stock else "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, "-m", "dramatiq", "workers.bench_queue_actors", "--queues", queue,
+    argv = [sys.executable, "-m", "dramatiq", "workers.bench.queue_actors", "--queues", queue,
             "--processes", str(processes), "--threads", str(threads)]
     db = Db(db_url)
     worker = EdgeProcess(f"{run.name}-workers", argv, env, tmp / f"{run.name}.log").start()
@@ -109,19 +107,10 @@ def drain(db_url: str, tmp: Path, run: Run, queue: str, *, processes: int, threa
 
 
 def run_queue_bench(settings: Settings, args: Any) -> int:
-    admin_url = settings.database_url
-    services = []
-    if not database_answers(admin_url):
-        from workers.embedded import start_postgres
-        pg = start_postgres(Path(tempfile.mkdtemp(prefix="farmiq-benchq-")) / "pgdata")
-        services.append(pg)
-        admin_url = pg.url
-    name = f"farmiq_benchq_{os.getpid()}"
-    tmp = Path(tempfile.mkdtemp(prefix="farmiq-benchq-"))
-    from schema.migrate import migrate
-    db_url = create_database(admin_url, name)
+    bench = Bench(settings, args)
     try:
-        migrate(db_url)
+        bench.setup_database()
+        db_url, tmp = bench.db_url, bench.tmp
         say(f"queue bench: {args.processes} worker processes × {args.threads} threads, no-op actor; logs in {tmp}")
         ours = drain(db_url, tmp, Run("ours", args.messages), EDGE_QUEUE, processes=args.processes,
                      threads=args.threads, timeout=args.timeout, stock=False)
@@ -133,15 +122,11 @@ def run_queue_bench(settings: Settings, args: Any) -> int:
             report(stock)
         if stock and stock.done and ours.done:
             say(f"ratio      ours / stock dramatiq-pg: {ours.rate / stock.rate:.1f}× messages/s")
-        left = Db(db_url)
-        size = left.one("SELECT pg_total_relation_size('dramatiq.queue')")[0]
-        left.close()
+        size = bench.db.one("SELECT pg_total_relation_size('dramatiq.queue')")[0]
         say(f"table      dramatiq.queue {size / 2**20:.1f} MiB after the runs (acked rows deleted)")
         return EXIT_OK if ours.done else EXIT_FAILURE
     finally:
-        drop_database(admin_url, name)
-        for s in services:
-            s.stop()
+        bench.teardown()
 
 
 def report(run: Run) -> None:

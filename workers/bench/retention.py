@@ -35,16 +35,16 @@ from typing import Any
 import psutil
 
 from models.settings import Settings
-from workers import bench_mqtt
-from workers.bench import Bench, BenchError, Db, Publishers, say, tree
-from workers.processes import NotReady, edge_command
+from workers.bench import mqtt as bench_mqtt
+from workers.bench.ingest import Bench, BenchError, Db, Publishers, say, tree
+from workers.dev.processes import NotReady, edge_command
 
 LOCK_SAMPLE_SECONDS = 0.02
 SIZE_EVERY_SECONDS = 10.0
 SETTLE_SECONDS = 5.0
 SLOW_P99_SECONDS = 1.0
 RUN_LINE = re.compile(r"^\[(?P<at>[^\]]+)\].*event=retention_done job=(?P<job>\S+).*seconds=(?P<seconds>[\d.]+)")
-EXIT_OK, EXIT_FAILURE = 0, 1
+from workers.exit_codes import EXIT_FAILURE, EXIT_OK
 
 SEED_DEDUPE = """
     INSERT INTO ingress_dedupe (tenant_id, event_id, first_seen_at)
