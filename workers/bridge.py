@@ -55,6 +55,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy import insert
 
 from actors.ingest import ingest_batch
@@ -86,6 +87,7 @@ class Delivery:
     topic: bytes  # as received: a topic that is not UTF-8 must still reach a dead letter
     payload: bytes
     generation: int  # which MQTT connection delivered it: acks go back to that one only
+    qos: int = 1  # a QoS 0 delivery (a misbehaving device) has no packet id and takes no PUBACK
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Bridge:
         self.inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.generation = 0
+        self.drop_retained = False  # see _on_connect
         # Guards `generation` against acks (see module docstring).
         self._ack_lock = threading.Lock()
         # Payload bytes received and not yet acked or dropped; paho is held above the bound.
@@ -133,7 +136,17 @@ class Bridge:
         topic = TOPIC_FILTER
         if self.settings.mqtt_shared_group:
             topic = f"$share/{self.settings.mqtt_shared_group}/{TOPIC_FILTER}"
-        client.subscribe(topic, qos=1)
+        # Retained messages are sent again on every SUBSCRIBE: each bridge restart
+        # would re-ingest (or re-dead-letter) them. MQTT 5: retained messages only
+        # for a new subscription. 3.1.1 has no such option: once a session is
+        # resumed, a delivery flagged retain is such a repeat (live copies are
+        # forwarded unflagged), acked and dropped in _on_message.
+        self.drop_retained = self.settings.mqtt_protocol != "5" and flags.session_present
+        if self.settings.mqtt_protocol == "5":
+            client.subscribe(topic, options=SubscribeOptions(
+                qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
+        else:
+            client.subscribe(topic, qos=1)
         log.info("event=mqtt_connected session_present=%s generation=%d", flags.session_present,
                  self.generation)
 
@@ -153,7 +166,12 @@ class Bridge:
     def _on_message(self, client, userdata, message) -> None:
         # Never raise: an exception here ends paho's network thread.
         try:
-            delivery = Delivery(message.mid, bytes(message._topic), message.payload, self.generation)
+            if message.retain and self.drop_retained:
+                if message.qos > 0:
+                    client.ack(message.mid, message.qos)
+                return
+            delivery = Delivery(message.mid, bytes(message._topic), message.payload, self.generation,
+                                message.qos)
             with self._held:
                 self.inbox_bytes += len(delivery.payload)
             self.inbox.put(delivery)
@@ -307,8 +325,8 @@ class Bridge:
         # on this one: the broker redelivers it and dedupe drops the copy.
         with self._ack_lock:
             for d in batch.deliveries:
-                if d.generation == self.generation:
-                    self.client.ack(d.mid, 1)
+                if d.generation == self.generation and d.qos > 0:
+                    self.client.ack(d.mid, d.qos)
 
 
 def commit_batch(settings: Settings, deliveries: list[Delivery]) -> None:

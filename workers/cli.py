@@ -134,6 +134,9 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.what == "retention":
         from workers.bench_retention import run_retention_bench
         return run_retention_bench(settings, args)
+    if args.what == "fuzz":
+        from workers.dev.fuzz_bench import run_fuzz_bench
+        return run_fuzz_bench(settings, args)
     from workers.bench import run_bench
     return run_bench(settings, args)
 
@@ -259,6 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of messages planned for the cleanup phase (default 300)")
     a.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
     a.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
+    a = bench.add_parser("fuzz", help="bad MQTT messages of every kind against a running bridge and worker",
+                         description="a generated corpus of bad MQTT messages (workers/dev/fuzz_corpus.py) "
+                                     "interleaved with valid traffic against a private Mosquitto, the bridge "
+                                     "and an ingest worker; every one must be dead-lettered with a reason, "
+                                     "the valid traffic exact, no traceback (exit 1 otherwise)")
+    a.add_argument("--bad", type=int, default=11_000, help="bad messages (default 11,000)")
+    a.add_argument("--valid", type=int, default=10_000, help="valid messages (default 10,000)")
+    a.add_argument("--seed", type=int, default=1, help="corpus seed (default 1)")
+    a.add_argument("--categories", help="comma-separated subset of the corpus categories (default all)")
+    a.add_argument("--media-max-bytes", type=int, default=64 * 1024,
+                   help="EDGE_MEDIA_MAX_BYTES for the run (default 65536: oversized stays cheap)")
+    a.add_argument("--max-payload-bytes", type=int, default=32 * 1024,
+                   help="EDGE_MAX_PAYLOAD_BYTES for the run (default 32768)")
+    a.add_argument("--qos0-every", type=int, default=0, metavar="N",
+                   help="publish every N-th message at QoS 0 (a misconfigured device; default 0: none)")
+    a.add_argument("--timeout", type=float, default=600, help="seconds allowed to settle (default 600)")
     a = bench.add_parser("chaos", help="fault suite: kill -9 / restart every process and service under "
                                        "load, then count every event (exit 1 on loss or duplicates)",
                          description="steady telemetry and session load through a private Mosquitto and "
