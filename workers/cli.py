@@ -129,7 +129,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from workers.bench_queue import run_queue_bench
         return run_queue_bench(settings, args)
     if args.what == "chaos":
-        from workers.bench_chaos import run_chaos_bench
+        from workers.dev.chaos import run_chaos_bench
         return run_chaos_bench(settings, args)
     if args.what == "retention":
         from workers.bench_retention import run_retention_bench
