@@ -34,6 +34,7 @@ telemetry_raw, nothing dead-lettered or rejected. Any violation: exit 1.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import random
@@ -52,6 +53,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg2
+import urllib.request
 
 from workers.bench import AGG_MISMATCH, WINDOW_UNITS, Db, say
 from workers.cli import QUEUES
@@ -67,15 +69,23 @@ PG_DOWN_SECONDS = 2.0           # PostgreSQL stays down this long
 RESTART_DELAY_SECONDS = 1.0     # a killed process is started again after this (kubelet)
 RECOVERY_TIMEOUT_SECONDS = 90.0
 SETTLE_TIMEOUT_SECONDS = 180.0
+FRAMES_PER_SECOND = 2.0         # camera frames, each in the session open at the time
+SINK_FAULT_SECONDS = 8.0        # a cloud sink fault lasts this long
+SINK_FAIL_RATE = 0.3            # share of batches answered 503 during the 5xx fault
 READY = {"bridge": "event=mqtt_subscribed", "worker": "Worker process is ready for action",
-         "scheduler": "event=scheduler_started"}
+         "scheduler": "event=scheduler_started", "cloud-sink": "event=sink_started"}
+# What main has: frames once the media queue exists, the cloud sink once the outbox queue does.
+MEDIA = "media" in QUEUES
+CLOUD = "outbox" in QUEUES
+SINK_TOKEN = "chaos-token"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def fault_kinds() -> list[str]:
     """One of each fault: a kill -9 per process type, then the two services."""
     return (["kill -9 bridge"] + [f"kill -9 worker {q}" for q in QUEUES]
-            + ["kill -9 scheduler", "restart postgresql", "restart mosquitto (SIGTERM)"])
+            + ["kill -9 scheduler", "restart postgresql", "restart mosquitto (SIGTERM)"]
+            + (["cloud sink down", f"cloud sink {SINK_FAIL_RATE:.0%} 5xx"] if CLOUD else []))
 
 
 @dataclass
@@ -131,6 +141,24 @@ def session_message(n: int, session_id: str, action: str) -> tuple[str, bytes]:
          "action": action, "batch_id": "chaos-batch", "weight_kg": weight}).encode()
 
 
+def frame_message(session: int, image: bytes, session_id: str | None) -> tuple[tuple[str, bytes], str]:
+    """A camera frame of session number `session`, from that session's device (media_id
+    returned: the id its file and row are counted by)."""
+    media_id = str(uuid.uuid4())
+    body = {"event_id": str(uuid.uuid4()), "occurred_at": _now(), "captured_at": _now(),
+            "mime_type": "image/jpeg", "media_id": media_id,
+            "image_b64": base64.b64encode(image).decode()}
+    if session_id is not None:
+        body["session_id"] = session_id
+    return (_topic(f"scale-{session % SCALES}", "media"), json.dumps(body).encode()), media_id
+
+
+def frame_image() -> bytes:
+    """A small synthetic bird frame the weight model can read (workers/dev/frames.py)."""
+    from workers.dev.frames import bird_frame
+    return bird_frame(160, 120, seed=1).data
+
+
 # --- the load --------------------------------------------------------------------
 
 class Load(threading.Thread):
@@ -149,6 +177,8 @@ class Load(threading.Thread):
         self.telemetry = 0
         self.sessions: list[str] = []           # session ids, started and finalized
         self.session_events = 0
+        self.media_ids: list[str] = []
+        self._image = frame_image() if MEDIA else b""
         self._mids: dict[int, list[int]] = defaultdict(list)   # mid -> message indexes, in order
         self._acks: dict[int, int] = defaultdict(int)          # mid -> PUBACKs seen (network thread)
         self._halt = threading.Event()
@@ -178,6 +208,7 @@ class Load(threading.Thread):
         started = time.monotonic()
         finalize: list[tuple[float, int, str]] = []
         sessions_started = 0
+        open_session: tuple[int, str | None] = (0, None)
         while not self._halt.wait(0.02):
             elapsed = time.monotonic() - started
             while self.telemetry < int(elapsed * self.rate):
@@ -189,6 +220,11 @@ class Load(threading.Thread):
                 finalize.append((elapsed + SESSION_LENGTH_SECONDS, sessions_started, session_id))
                 sessions_started += 1
                 self.session_events += 1
+                open_session = (sessions_started - 1, session_id)
+            while MEDIA and len(self.media_ids) < int(elapsed * FRAMES_PER_SECOND):
+                message, media_id = frame_message(open_session[0], self._image, open_session[1])
+                self._send(message)
+                self.media_ids.append(media_id)
             while finalize and finalize[0][0] <= elapsed:
                 _, n, session_id = finalize.pop(0)
                 self._send(session_message(n, session_id, "finalize"))
@@ -308,6 +344,8 @@ class Chaos:
         self.procs: dict[str, EdgeProcess] = {}
         self.monitor: Monitor | None = None
         self.t0 = 0.0
+        self.sink_port = self.sink_admin = 0
+        self.sink_db = self.tmp / "cloud-sink.sqlite3"
 
     # -- services and processes ------------------------------------------------------
 
@@ -328,6 +366,21 @@ class Chaos:
                     "EDGE_MQTT_CLIENT_ID": f"chaos-bridge-{uuid.uuid4().hex[:8]}",
                     "EDGE_WORKER_THREADS": "4", "dramatiq_prom_db": str(self.tmp / "prom")}
         (self.tmp / "prom").mkdir(exist_ok=True)
+        if MEDIA:  # the private volume under /tmp: no free-space floor for the suite
+            self.env["EDGE_MEDIA_MIN_FREE_BYTES"] = "0"
+        if CLOUD:
+            from workers.embedded import free_port
+            self.sink_port, self.sink_admin = free_port(), free_port()
+            self.env.update({
+                "EDGE_CLOUD_URL": f"http://127.0.0.1:{self.sink_port}", "EDGE_CLOUD_TOKEN": SINK_TOKEN,
+                # One outbox event per telemetry message too: the forwarder carries the load.
+                "EDGE_SYNC_TELEMETRY": "both",
+                # Short enough for a run of minutes: a killed forwarder's claims return after
+                # 20 s (the least the settings allow with a 5 s POST timeout), backoff ≤ 5 s.
+                "EDGE_OUTBOX_HTTP_TIMEOUT_SECONDS": "5", "EDGE_OUTBOX_VISIBILITY_SECONDS": "20",
+                "EDGE_OUTBOX_BACKOFF_MAX_SECONDS": "5"})
+            self.start("cloud-sink", ["cloud-sink", "--port", str(self.sink_port), "--admin-port",
+                                      str(self.sink_admin), "--db", str(self.sink_db), "--token", SINK_TOKEN])
         self.say(f"services   private PostgreSQL {self.db_url.split('?')[0]} (data {self.pg_dir}), "
                  f"private Mosquitto {self.broker.url} (project config); logs in {self.tmp}")
         self.start("bridge", ["bridge"])   # first: its persistent session queues from here on
@@ -395,9 +448,35 @@ class Chaos:
                 raise NotReady(f"PostgreSQL came back at another address: {self.pg.url}")
         elif fault.kind.startswith("restart mosquitto"):
             self.broker.restart()
+        elif fault.kind == "cloud sink down":
+            self.sink_call("/admin/down", {})
+            time.sleep(SINK_FAULT_SECONDS)
+            self.sink_call("/admin/up", {})
+            fault.at = time.monotonic() - self.t0   # recovery counts from the link's return
+            fault.note = f"(down {SINK_FAULT_SECONDS:g}s; from its return) "
+        elif fault.kind.startswith("cloud sink"):
+            self.sink_call("/admin/faults", {"fail_rate": SINK_FAIL_RATE, "status": 503})
+            started = time.monotonic()
+            fault.recovery = self.wait_progress(fault, fault_at, pending_before)
+            time.sleep(max(0.0, SINK_FAULT_SECONDS - (time.monotonic() - started)))
+            self.sink_call("/admin/faults", {"fail_rate": 0.0})
+            fault.note = f"(for {SINK_FAULT_SECONDS:g}s) " + fault.note
+            return
         else:
             raise ValueError(fault.kind)
         fault.recovery = self.wait_progress(fault, fault_at, pending_before)
+
+    def sink_call(self, path: str, doc: dict | None = None) -> dict:
+        """The cloud sink's admin port: POST `doc`, or GET without one."""
+        data = json.dumps(doc).encode() if doc is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{self.sink_admin}{path}", data=data,
+                                         method="POST" if doc is not None else "GET",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read() or b"{}")
+
+    def sink_stored(self) -> int:
+        return int(self.sink_call("/admin/counters")["stored"])
 
     def pending_ids(self) -> int:
         assert self.monitor is not None
@@ -406,29 +485,43 @@ class Chaos:
     def wait_progress(self, fault: Fault, fault_at: datetime, pending_before: int) -> float | None:
         """Seconds from the fault until the data path it hit made progress again."""
         assert self.monitor is not None
-        deadline = time.monotonic() + RECOVERY_TIMEOUT_SECONDS
-        aggregation = fault.kind in ("kill -9 worker aggregate", "kill -9 scheduler")
-        if fault.kind == "kill -9 worker maintenance":
-            fault.note = "worker ready again"
+        one = self.monitor.one
+        kind = fault.kind
+        if kind == "kill -9 worker maintenance":
+            fault.note += "worker ready again"
             return time.monotonic() - self.t0 - fault.at
+        sink_before = self.sink_stored() if CLOUD and ("cloud" in kind or kind.endswith("outbox")) else 0
+        # (what progress is, a probe: seconds from the fault to it (SQL, one clock), True, or None)
+        probe: tuple[str, Callable[[], float | bool | None]]
+        if kind in ("kill -9 worker aggregate", "kill -9 scheduler"):
+            probe = ("pending aggregates at the fault merged", lambda: one(
+                "SELECT count(*) = 0 FROM telemetry_agg_pending WHERE id <= %s", (pending_before,))[0])
+        elif kind == "kill -9 worker media":
+            probe = ("a frame published after the fault stored", lambda: one(
+                "SELECT extract(epoch FROM min(created_at) - %s) FROM media_objects WHERE captured_at > %s",
+                (fault_at, fault_at))[0])
+        elif kind == "kill -9 worker inference":
+            probe = ("a frame published after the fault inferred", lambda: one(
+                "SELECT count(*) > 0 FROM inference_results r JOIN media_objects m ON m.id = r.media_id "
+                "WHERE m.captured_at > %s", (fault_at,))[0])
+        elif kind.startswith("cloud sink") or kind == "kill -9 worker outbox":
+            probe = ("the sink stored more events", lambda: self.sink_stored() > sink_before)
+        else:
+            probe = ("a reading published after the fault committed", lambda: one(
+                "SELECT extract(epoch FROM min(ingested_at) - %s) FROM telemetry_raw "
+                "WHERE tenant_id = %s AND occurred_at > %s", (fault_at, TENANT, fault_at))[0])
+        what, check = probe
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            if aggregation:
-                # Every partial aggregate pending at the fault has been merged.
-                left = self.monitor.one("SELECT count(*) FROM telemetry_agg_pending WHERE id <= %s",
-                                        (pending_before,))[0]
-                if left == 0:
-                    fault.note = "pending aggregates at the fault merged"
-                    return time.monotonic() - self.t0 - fault.at
-            else:
-                # The first reading published after the fault committed (one clock: this machine).
-                first = self.monitor.one(
-                    "SELECT extract(epoch FROM min(ingested_at) - %s) FROM telemetry_raw "
-                    "WHERE tenant_id = %s AND occurred_at > %s", (fault_at, TENANT, fault_at))[0]
-                if first is not None:
-                    fault.note = "a reading published after the fault committed"
-                    return float(first)
+            got = check()
+            if got is True:
+                fault.note += what
+                return time.monotonic() - self.t0 - fault.at
+            if got is not None and got is not False:
+                fault.note += what
+                return float(got)
             time.sleep(0.2)
-        fault.note = f"no progress within {RECOVERY_TIMEOUT_SECONDS:.0f}s"
+        fault.note += f"{what}: not within {RECOVERY_TIMEOUT_SECONDS:.0f}s"
         return None
 
     # -- the run -------------------------------------------------------------------------
@@ -477,7 +570,14 @@ class Chaos:
                        (SELECT count(*) FROM telemetry_agg_pending),
                        (SELECT count(*) FROM dramatiq.queue WHERE state IN ('queued', 'consumed')
                            AND queue_name NOT LIKE 'maintenance%%')""")
-            if seqs >= load.telemetry and finalized >= len(load.sessions) and pending == 0 and busy == 0:
+            frames_left = unsynced = 0
+            if MEDIA:
+                frames_left = len(load.media_ids) - min(self.monitor.one(
+                    "SELECT (SELECT count(*) FROM media_objects), (SELECT count(*) FROM inference_results)"))
+            if CLOUD:
+                unsynced = self.monitor.one("SELECT count(*) FROM sync_outbox WHERE status <> 'acked'")[0]
+            if (seqs >= load.telemetry and finalized >= len(load.sessions) and pending == 0 and busy == 0
+                    and frames_left <= 0 and unsynced == 0):
                 return
             time.sleep(0.5)
         result.violations.append(f"not drained {SETTLE_TIMEOUT_SECONDS:.0f}s after the load stopped")
@@ -518,12 +618,73 @@ class Chaos:
         for window, unit in WINDOW_UNITS.items():
             counts.append((f"telemetry_agg {window} rows differing from GROUP BY",
                            one(AGG_MISMATCH, {"unit": unit, "window": window})[0], 0))
+        if MEDIA:
+            counts += self.check_media(load)
+        if CLOUD:
+            counts += self.check_cloud(load)
         if seq_distinct != seq_in_range:
             counts.append(("seq readings outside the published range", seq_distinct - seq_in_range, 0))
         result.counts = counts
         result.violations += [f"{what}: {got:,}, expected {want:,}" for what, got, want in counts if got != want]
         result.violations += [f"{f.kind} at t+{f.at:.1f}s: no progress within {RECOVERY_TIMEOUT_SECONDS:.0f}s"
                               for f in result.faults if f.recovery is None]
+
+
+    def check_media(self, load: Load) -> list[tuple[str, int, int]]:
+        """One row and one file per frame, nothing left in staging, one result per frame."""
+        assert self.monitor is not None
+        from models.media_path import STAGING_DIR
+        frames = len(load.media_ids)
+        published = set(load.media_ids)
+        db = Db(self.db_url)
+        try:
+            rows = db.all("SELECT id::text, path FROM media_objects")
+            results, stored_events, stored_distinct = db.one("""
+                SELECT (SELECT count(*) FROM inference_results),
+                       count(*), count(DISTINCT payload_json->>'source_event_id')
+                  FROM sync_outbox WHERE event_type = 'media.stored'""")
+        finally:
+            db.close()
+        root = Path(self.env["EDGE_MEDIA_ROOT"])
+        # Final names end in `_{media_id}.jpg` (models/media_path.py); anything else is a leftover.
+        files = [f for f in root.rglob("*") if f.is_file() and STAGING_DIR not in f.relative_to(root).parts]
+        file_ids = {f.stem.rsplit("_", 1)[-1] for f in files}
+        staged = [f for f in (root / STAGING_DIR).rglob("*") if f.is_file()] if (root / STAGING_DIR).exists() else []
+        row_ids = {i for i, _ in rows}
+        return [("media_objects rows (one per frame)", len(rows), frames),
+                ("media_objects rows of published frames (distinct)", len(row_ids & published), frames),
+                ("frame files under EDGE_MEDIA_ROOT", len(files), frames),
+                ("frame files without their row, or rows without their file", len(file_ids ^ row_ids), 0),
+                ("files left in staging", len(staged), 0),
+                ("inference_results rows (one per frame)", results, frames),
+                ("media.stored outbox events (one per frame)", stored_distinct, frames),
+                ("media.stored outbox events written twice", stored_events - stored_distinct, 0)]
+
+    def check_cloud(self, load: Load) -> list[tuple[str, int, int]]:
+        """Every outbox event acked, and at the sink once by id; telemetry.ingested once per message."""
+        import sqlite3
+        db = Db(self.db_url)
+        try:
+            outbox = {r[0] for r in db.all("SELECT id::text FROM sync_outbox")}
+            not_acked = db.one("SELECT count(*) FROM sync_outbox WHERE status <> 'acked'")[0]
+            ingested, ingested_distinct = db.one("""
+                SELECT count(*), count(DISTINCT payload_json->>'source_event_id') FROM sync_outbox
+                 WHERE event_type = 'telemetry.ingested'""")
+        finally:
+            db.close()
+        sink = sqlite3.connect(f"file:{self.sink_db}?mode=ro", uri=True)
+        try:
+            at_sink = {r[0] for r in sink.execute("SELECT event_id FROM events")}
+            deliveries = sink.execute("SELECT count(*) FROM deliveries").fetchone()[0]
+        finally:
+            sink.close()
+        self.say(f"  cloud sink: {len(at_sink):,} events stored, {deliveries:,} deliveries "
+                 f"({deliveries - len(at_sink):,} re-sent after a lost answer or 5xx, stored once)")
+        return [("telemetry.ingested outbox events (one per message)", ingested_distinct, load.telemetry),
+                ("telemetry.ingested outbox events written twice", ingested - ingested_distinct, 0),
+                ("outbox events not acked", not_acked, 0),
+                ("outbox events missing at the cloud sink", len(outbox - at_sink), 0),
+                ("events at the cloud sink not in the outbox", len(at_sink - outbox), 0)]
 
 
 def report(result: Result, out: Callable[[str], None] = say) -> None:
