@@ -464,7 +464,10 @@ class Chaos:
             return
         else:
             raise ValueError(fault.kind)
-        fault.recovery = self.wait_progress(fault, fault_at, pending_before)
+        # A service restart takes a moment to stop: readings published in it may still
+        # commit before the outage. Progress then counts only those published after it.
+        since = datetime.now(timezone.utc) if fault.kind.startswith("restart") else fault_at
+        fault.recovery = self.wait_progress(fault, fault_at, pending_before, since)
 
     def sink_call(self, path: str, doc: dict | None = None) -> dict:
         """The cloud sink's admin port: POST `doc`, or GET without one."""
@@ -482,8 +485,10 @@ class Chaos:
         assert self.monitor is not None
         return int(self.monitor.one("SELECT coalesce(max(id), 0) FROM telemetry_agg_pending")[0])
 
-    def wait_progress(self, fault: Fault, fault_at: datetime, pending_before: int) -> float | None:
-        """Seconds from the fault until the data path it hit made progress again."""
+    def wait_progress(self, fault: Fault, fault_at: datetime, pending_before: int,
+                      since: datetime | None = None) -> float | None:
+        """Seconds from the fault until the data path it hit made progress again
+        (for the ingest path: a reading published after `since` committed)."""
         assert self.monitor is not None
         one = self.monitor.one
         kind = fault.kind
@@ -507,9 +512,10 @@ class Chaos:
         elif kind.startswith("cloud sink") or kind == "kill -9 worker outbox":
             probe = ("the sink stored more events", lambda: self.sink_stored() > sink_before)
         else:
-            probe = ("a reading published after the fault committed", lambda: one(
-                "SELECT extract(epoch FROM min(ingested_at) - %s) FROM telemetry_raw "
-                "WHERE tenant_id = %s AND occurred_at > %s", (fault_at, TENANT, fault_at))[0])
+            after = since or fault_at
+            probe = (f"a reading published after the {'restart' if since != fault_at else 'fault'} committed",
+                     lambda: one("SELECT extract(epoch FROM min(ingested_at) - %s) FROM telemetry_raw "
+                                 "WHERE tenant_id = %s AND occurred_at > %s", (fault_at, TENANT, after))[0])
         what, check = probe
         deadline = time.monotonic() + RECOVERY_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
