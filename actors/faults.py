@@ -7,7 +7,8 @@ production, where `crash_point` costs one dictionary lookup.
 Points: bridge.before_commit, bridge.after_commit (before the PUBACKs),
 ingest.before_commit, scheduler.before_commit / scheduler.after_commit (a tick
 that enqueues), retention.media_files_removed (files of a page deleted, their
-rows not yet).
+rows not yet), outbox.after_claim (claimed, not yet POSTed),
+outbox.after_post (the cloud answered, the answer not yet recorded).
 """
 
 import os

@@ -5,7 +5,7 @@ set by `farmiq-edge worker` before anything imports prometheus_client); the brid
 single process with its own exposition server.
 """
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 INGRESS_ACCEPTED = Counter("farmiq_edge_ingress_accepted_total",
                            "MQTT events that took effect (first delivery).", ["kind"])
@@ -53,3 +53,17 @@ RETENTION_HELD_ROWS = Gauge("farmiq_edge_retention_held_back_rows",
 RETENTION_HELD_SINCE = Gauge("farmiq_edge_retention_held_back_since_timestamp_seconds",
                              "Oldest time the sync gate holds back from deletion (0: nothing held).",
                              ["table"], multiprocess_mode="mostrecent")
+
+# Outbox forwarder (actors/outbox.py): what it did. What the outbox holds (backlog by
+# status, oldest pending, paused tenants, failure streak) is read from the database at
+# scrape time by the scheduler (workers/db_metrics.py).
+OUTBOX_EVENTS = Counter("farmiq_edge_outbox_events_total",
+                        "Outbox events by what became of them: sent (in a POST), acked, failed "
+                        "(rejected by the cloud), released (back to pending after a failed POST), "
+                        "reclaimed (left claimed by a dead forwarder).", ["result"])
+OUTBOX_BATCHES = Counter("farmiq_edge_outbox_batches_total",
+                         "Batch POSTs by outcome (ok, throttled, server_error, client_error, network).",
+                         ["outcome"])
+OUTBOX_BATCH_SECONDS = Histogram("farmiq_edge_outbox_batch_seconds",
+                                 "Round trip of one batch POST (request sent → answer read).",
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

@@ -9,7 +9,7 @@ from datetime import timedelta
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -87,6 +87,28 @@ class Settings(BaseSettings):
     mqtt_keepalive_seconds: int = Field(default=30, ge=5, le=600)
     # CA bundle for mqtts:// (empty: the system trust store).
     mqtt_ca_file: str = ""
+
+    # Outbox forwarder (SPEC §3, actors/outbox.py).
+    outbox_batch_max_events: int = Field(default=1000, ge=1, le=1000)
+    outbox_batch_max_bytes: int = Field(default=1024 * 1024, ge=4 * 1024, le=1024 * 1024)
+    # Longest pause after repeated failures (exponential backoff with jitter).
+    outbox_backoff_max_seconds: float = Field(default=300.0, ge=1.0, le=3600.0)
+    # Read timeout of one POST (connect: at most 5 s).
+    outbox_http_timeout_seconds: float = Field(default=30.0, ge=1.0, le=300.0)
+    # Events left claimed by a forwarder that died return to pending after this.
+    # Must outlast a live forwarder's claim → POST → record (2 × timeout + 10 s).
+    outbox_visibility_seconds: float = Field(default=120.0, ge=5.0, le=3600.0)
+    # Batches in flight at once per forwarder process.
+    outbox_concurrency: int = Field(default=2, ge=1, le=16)
+
+    @field_validator("outbox_visibility_seconds")
+    @classmethod
+    def _visibility_outlasts_a_post(cls, value: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("outbox_http_timeout_seconds")
+        if timeout is not None and value < 2 * timeout + 10:
+            raise ValueError(f"must be at least 2 × EDGE_OUTBOX_HTTP_TIMEOUT_SECONDS + 10 "
+                             f"({2 * timeout + 10:g})")
+        return value
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -140,6 +140,8 @@ sync_state = Table(
     Column("last_sent_batch_id", UUID(as_uuid=True)),
     Column("consecutive_failures", Integer, nullable=False),
     Column("paused_until", _tz()),
+    Column("pause_reason", Text),  # migration 0006: network | server_error | client_error
+    Column("last_error", Text),
 )
 
 ingress_dedupe = Table(

@@ -19,9 +19,9 @@ import sqlalchemy.exc
 from models.settings import Settings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANNOT_CONNECT = 0, 1, 2, 3
-QUEUES = ("ingest", "aggregate", "maintenance")
+QUEUES = ("ingest", "aggregate", "outbox", "maintenance")
 # Actor modules by queue: `farmiq-edge worker --queues X` imports only these.
-ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate",
+ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate", "outbox": "actors.outbox",
                  "maintenance": "actors.retention"}
 
 log = logging.getLogger("farmiq_edge")
@@ -141,6 +141,22 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     return run_bench(settings, args)
 
 
+def cmd_cloud_sink(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from workers.dev.cloud_sink import Faults, run_sink
+    if not 0 <= args.fail_rate <= 1:
+        print("farmiq-edge cloud-sink: --fail-rate must be within 0..1", file=sys.stderr)
+        return EXIT_USAGE
+    Path(args.db).parent.mkdir(parents=True, exist_ok=True)
+    faults = Faults(fail_rate=args.fail_rate, status=args.status, latency_ms=args.latency_ms,
+                    retry_after=args.retry_after if args.retry_after >= 0 else None,
+                    reject_types=list(args.reject_type))
+    token = settings.cloud_token if args.token is None else args.token
+    return run_sink(db_path=Path(args.db), host=args.host, port=args.port, admin_port=args.admin_port,
+                    token=token, faults=faults, outage_seconds=args.outage_seconds)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farmiq-edge", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -182,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
                                           "plus the retention windows")
     from workers.capacity import add_arguments as add_capacity_arguments
     add_capacity_arguments(p)
+
+    p = command("cloud-sink", cmd_cloud_sink, "a reference cloud receiver (SPEC §3) with faults on "
+                                              "demand, for tests, `up` and staging")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    p.add_argument("--admin-port", type=int, help="admin port: stats, faults, down/up at runtime")
+    p.add_argument("--db", default=".farmiq/cloud-sink.sqlite3", help="SQLite file of what it received")
+    p.add_argument("--token", help="bearer token to require (default EDGE_CLOUD_TOKEN; empty: none)")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="share of batches answered --status")
+    p.add_argument("--status", type=int, default=503, help="status of injected failures (default 503)")
+    p.add_argument("--retry-after", type=float, default=1.0,
+                   help="Retry-After seconds on injected 429/503 (default 1; negative: none)")
+    p.add_argument("--latency-ms", type=int, default=0, help="delay before each batch answer")
+    p.add_argument("--reject-type", action="append", default=[], metavar="EVENT_TYPE",
+                   help="answer events of this type as rejected (repeatable)")
+    p.add_argument("--outage-seconds", type=float, default=0.0,
+                   help="the link is down for this long after start")
 
     p = command("health", cmd_health, "exit 0 when the database answers and the schema is current")
     p.add_argument("--heartbeat", help="also require this file to be recently touched; the bridge "
@@ -239,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rate", type=int, default=0, help="offered msg/s (default 0: as fast as possible)")
     a.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     a.add_argument("--skip-references", action="store_true", help="skip the naive and bare-MQTT runs")
+    a = bench.add_parser("outbox", help="outbox backlog drained to the reference cloud sink; catch-up delay",
+                         description="a backlog of pending outbox events drained to the reference cloud "
+                                     "sink (events/s, time to empty, forwarder RSS), then the delay from "
+                                     "the sink's return after an outage to the first ack")
+    a.add_argument("--events", type=int, default=1_000_000, help="backlog (default 1,000,000)")
+    a.add_argument("--devices", type=int, default=200, help="devices (default 200)")
+    a.add_argument("--catch-up-events", type=int, default=10_000, help="events during the outage (default 10,000)")
+    a.add_argument("--outage-seconds", type=float, default=20.0, help="outage length (default 20)")
     a = bench.add_parser("queue", help="queue store: drain a no-op backlog, ours vs stock dramatiq-pg",
                          description="drain a backlog of no-op messages with real dramatiq worker processes, "
                                      "ours and then stock dramatiq-pg; rate, pg_locks, worker RSS")

@@ -24,6 +24,7 @@ log = logging.getLogger("farmiq_edge.db_metrics")
 
 NAMES = ("farmiq_edge_queue_messages", "farmiq_edge_outbox_pending_events",
          "farmiq_edge_outbox_oldest_pending_seconds", "farmiq_edge_sync_consecutive_failures",
+         "farmiq_edge_outbox_backlog_events", "farmiq_edge_outbox_paused_tenants",
          "farmiq_edge_media_volume_free_bytes", "farmiq_edge_media_volume_size_bytes")
 
 
@@ -57,6 +58,14 @@ class DatabaseCollector:
         families.append(GaugeMetricFamily("farmiq_edge_sync_consecutive_failures",
                                           "Consecutive cloud sync failures of the worst tenant.",
                                           value=s.max_consecutive_failures))
+        backlog = GaugeMetricFamily("farmiq_edge_outbox_backlog_events",
+                                    "Outbox events not acked, by status.", labels=["status"])
+        for status in ("pending", "claimed", "sent", "failed"):
+            backlog.add_metric([status], s.outbox.get(status, 0))
+        families.append(backlog)
+        families.append(GaugeMetricFamily("farmiq_edge_outbox_paused_tenants",
+                                          "Tenants whose cloud sync is paused (a count, no tenant label).",
+                                          value=len(s.paused_tenants)))
         if s.volume.exact:  # only where the media volume is mounted
             families.append(GaugeMetricFamily("farmiq_edge_media_volume_free_bytes",
                                               "Free bytes on the media volume.", value=s.volume.free_bytes))

@@ -105,9 +105,9 @@ DLQ_PURGE = text(r"""
     RETURNING message_id::text AS message_id
 """)
 
-# outbox_counts: events per tenant and status (one scan of sync_outbox).
+# outbox_counts: events per tenant and status, with the oldest of each (one scan of sync_outbox).
 OUTBOX_COUNTS = text("""
-    SELECT tenant_id, status, count(*) AS n
+    SELECT tenant_id, status, count(*) AS n, now() - min(created_at) AS oldest_age
       FROM sync_outbox
      GROUP BY tenant_id, status
 """)
@@ -122,7 +122,8 @@ OUTBOX_OLDEST_PENDING = text("""
 # sync_state_all: the forwarder's state per tenant.
 SYNC_STATE_ALL = text("""
     SELECT tenant_id, last_acked_at, now() - last_acked_at AS acked_age,
-           consecutive_failures, paused_until, paused_until - now() AS paused_for
+           consecutive_failures, paused_until, paused_until - now() AS paused_for, pause_reason,
+           last_error
       FROM sync_state
      ORDER BY tenant_id
 """)
@@ -253,9 +254,12 @@ def outbox_status(url: str) -> int:
 
     totals: Counter[str] = Counter()
     per_tenant: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    oldest_pending: dict[str, timedelta] = {}
     for r in counts:
         totals[r.status] += r.n
         per_tenant[r.tenant_id][r.status] += r.n
+        if r.status == "pending":
+            oldest_pending[r.tenant_id] = r.oldest_age
 
     print("Outbox events (sync_outbox):")
     _print_table(("STATUS", "COUNT"), [(s, totals[s]) for s in OUTBOX_STATUSES], numeric={1})
@@ -271,13 +275,16 @@ def outbox_status(url: str) -> int:
     if tenants:
         rows = []
         for tenant in tenants:
-            s = state_by_tenant.get(tenant)
-            rows.append((tenant, per_tenant[tenant]["pending"], per_tenant[tenant]["failed"],
+            s, n = state_by_tenant.get(tenant), per_tenant[tenant]
+            rows.append((tenant, n["pending"], n["claimed"] + n["sent"], n["failed"],
+                         format_age(oldest_pending.get(tenant)),
                          _ago(s.last_acked_at, s.acked_age) if s else "-",
                          s.consecutive_failures if s else 0,
-                         _paused(s.paused_until, s.paused_for) if s else "-"))
-        _print_table(("TENANT", "PENDING", "FAILED", "LAST_ACKED_AT", "CONSECUTIVE_FAILURES",
-                      "PAUSED_UNTIL"), rows, numeric={1, 2, 4})
+                         _paused(s.paused_until, s.paused_for, s.pause_reason) if s else "-",
+                         one_line(s.last_error) if s and s.last_error else "-"))
+        # CLAIMED counts events in flight (claimed or sent) to the cloud.
+        _print_table(("TENANT", "PENDING", "CLAIMED", "FAILED", "OLDEST_PENDING", "LAST_ACKED_AT",
+                      "CONSECUTIVE_FAILURES", "PAUSED_UNTIL", "LAST_ERROR"), rows, numeric={1, 2, 3, 4, 6})
     else:
         print("no tenants")
 
@@ -383,11 +390,12 @@ def _ago(ts: datetime | None, age: timedelta | None) -> str:
     return "-" if ts is None else f"{format_time(ts)} ({format_age(age)} ago)"
 
 
-def _paused(until: datetime | None, remaining: timedelta | None) -> str:
+def _paused(until: datetime | None, remaining: timedelta | None, reason: str | None = None) -> str:
     if until is None:
         return "-"
+    why = f", {reason}" if reason else ""
     if remaining is not None and remaining > timedelta(0):
-        return f"{format_time(until)} (for {format_age(remaining)})"
+        return f"{format_time(until)} (for {format_age(remaining)}{why})"
     return f"{format_time(until)} (over)"
 
 

@@ -69,6 +69,12 @@ ADVANCE_SLOT = """
     RETURNING job
 """
 
+# waiting: a message of this actor is still queued (not yet claimed).
+WAITING = """
+    SELECT EXISTS (SELECT 1 FROM dramatiq.queue
+                    WHERE queue_name = %(queue)s AND state = 'queued' AND message->>'actor_name' = %(actor)s)
+"""
+
 
 @dataclass(frozen=True)
 class Job:
@@ -77,6 +83,9 @@ class Job:
     actor: Actor
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # A tick that "does what is pending": while one of its messages still waits
+    # (its workers are down or busy), a new slot enqueues nothing more.
+    coalesce: bool = False
 
     def message(self, slot: datetime) -> Message:
         # The slot travels in the options for audit (`dlq show`, tests).
@@ -88,9 +97,11 @@ class Job:
 def jobs() -> list[Job]:
     """The periodic jobs: one line each."""
     from actors.aggregate import aggregate_pending
+    from actors.outbox import forward_outbox
     from actors.retention import retention_job
     return [
-        Job("aggregate", 1.0, aggregate_pending),
+        Job("aggregate", 1.0, aggregate_pending, coalesce=True),
+        Job("outbox", 1.0, forward_outbox, coalesce=True),
         Job("retention.partitions", 600.0, retention_job, ("partitions",)),
         Job("retention.media", 900.0, retention_job, ("media",)),
         Job("retention.outbox", 3600.0, retention_job, ("outbox",)),
@@ -149,9 +160,14 @@ class Scheduler:
             for job in self.table:
                 slot = slot_start(now, job.every_seconds)
                 cur.execute(ADVANCE_SLOT, {"job": job.name, "every": job.every_seconds, "slot": slot})
-                if cur.fetchone() is not None:
-                    broker.enqueue_in(cur, job.message(slot))
-                    sent.append((job.name, slot))
+                if cur.fetchone() is None:
+                    continue
+                if job.coalesce:
+                    cur.execute(WAITING, {"queue": job.actor.queue_name, "actor": job.actor.actor_name})
+                    if cur.fetchone()[0]:
+                        continue
+                broker.enqueue_in(cur, job.message(slot))
+                sent.append((job.name, slot))
             if sent:
                 crash_point("scheduler.before_commit")
         if sent:

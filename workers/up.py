@@ -3,7 +3,9 @@
 Runs the Procfile's processes (plus the device simulator) under honcho. With
 no EDGE_DATABASE_URL / EDGE_MQTT_URL configured it first starts an embedded
 PostgreSQL (pgserver) and MQTT broker (amqtt, MQTT 3.1.1 only, so the bridge
-speaks 3.1.1 to it), keeping their data under --state-dir. Ctrl-C or SIGTERM
+speaks 3.1.1 to it), keeping their data under --state-dir. With no
+EDGE_CLOUD_URL, the outbox forwards to the reference cloud sink
+(`farmiq-edge cloud-sink`, its SQLite file under --state-dir). Ctrl-C or SIGTERM
 stops every child, then the embedded services.
 
 The terminal shows the live status view (workers/status.py), not log lines:
@@ -73,6 +75,14 @@ def run_up(settings: Settings, *, state_dir: Path, simulate: bool, show_logs: bo
 
         manager = Manager(printer=logs)
         commands = procfile_commands()
+        if "cloud_url" not in settings.model_fields_set:
+            from workers.embedded import free_port
+            port = free_port()
+            env["EDGE_CLOUD_URL"] = f"http://127.0.0.1:{port}"
+            commands = {"cloud-sink": [sys.executable, "-m", "workers.cli", "cloud-sink", "--port", str(port),
+                                       "--db", str((state_dir / "cloud-sink.sqlite3").resolve())],
+                        **commands}
+            log.info("event=reference_cloud_sink url=%s", env["EDGE_CLOUD_URL"])
         if simulate:
             commands["simulate"] = [sys.executable, "-m", "workers.cli", "simulate"]
         for offset, (name, argv) in enumerate(commands.items()):

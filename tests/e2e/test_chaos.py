@@ -1,5 +1,5 @@
 """The fault suite, reduced (issue 12 item 6): the engine of `farmiq-edge bench
-chaos` (workers.dev.chaos.py) with one of each fault in ~75 s of load.
+chaos` (workers.dev.chaos.py) with one of each fault in 90 s of load.
 
 A private PostgreSQL and a private Mosquitto (project config) are started and
 restarted by the engine; the bridge, one worker per queue and the scheduler
@@ -10,7 +10,7 @@ since its last autosave (README "broker durability").
 
 from workers.dev.chaos import fault_kinds, report, run_chaos
 
-DURATION_SECONDS = 75
+DURATION_SECONDS = 90
 RATE = 100  # telemetry msg/s, plus a session lifecycle every second
 SEED = 12
 

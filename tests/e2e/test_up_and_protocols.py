@@ -30,6 +30,9 @@ def test_up_runs_everything_embedded_with_simulated_devices(tmp_path):
                    60, "simulated telemetry to be ingested and aggregated")
         assert scalar(db_url, "SELECT count(*) FROM telemetry_raw") > 0
         assert scalar(db_url, "SELECT count(*) FROM weight_sessions") == 1
+        # No EDGE_CLOUD_URL: the outbox forwards to the reference cloud sink.
+        wait_until(lambda: scalar(db_url, "SELECT count(*) FROM sync_outbox WHERE status = 'acked'") > 0,
+                   60, "outbox events acked by the reference cloud sink")
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         code = up.wait(60)

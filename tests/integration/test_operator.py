@@ -317,9 +317,11 @@ def test_outbox_status(db_url, cli):
     add_event(db_url, "t2", "failed", error="unknown device")
     add_event(db_url, "t2", "failed", error="payload too large")
     add_event(db_url, "t2", "claimed")
-    sql(db_url, "INSERT INTO sync_state (tenant_id, last_acked_at, consecutive_failures, paused_until) "
-                "VALUES ('t1', '2026-01-02T03:04:05Z', 3, now() + interval '10 minutes'), "
-                "       ('t3', NULL, 0, NULL)")
+    sql(db_url, "INSERT INTO sync_state (tenant_id, last_acked_at, consecutive_failures, paused_until, "
+                "                        pause_reason, last_error) "
+                "VALUES ('t1', '2026-01-02T03:04:05Z', 3, now() + interval '10 minutes', 'network', "
+                "        'network: NewConnectionError'), "
+                "       ('t3', NULL, 0, NULL, NULL, NULL)")
 
     rc, out, _ = cli("outbox", "status")
     assert rc == 0
@@ -328,12 +330,14 @@ def test_outbox_status(db_url, cli):
     assert re.search(r"^oldest pending: 2h0[45]m \(\d{4}-\d\d-\d\dT[\d:]{8}Z\)$", out, re.M)
 
     tenants = out.split("Per tenant (sync_state):\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert tenants[0].split() == ["TENANT", "PENDING", "FAILED", "LAST_ACKED_AT", "CONSECUTIVE_FAILURES",
-                                  "PAUSED_UNTIL"]
+    assert tenants[0].split() == ["TENANT", "PENDING", "CLAIMED", "FAILED", "OLDEST_PENDING", "LAST_ACKED_AT",
+                                  "CONSECUTIVE_FAILURES", "PAUSED_UNTIL", "LAST_ERROR"]
     t1 = tenants[1].split()
-    assert t1[:4] == ["t1", "2", "1", "2026-01-02T03:04:05Z"] and "3" in t1 and "(for" in tenants[1]
-    assert tenants[2].split()[:3] == ["t2", "0", "2"] and tenants[2].rstrip().endswith("-")
-    assert tenants[3].split() == ["t3", "0", "0", "-", "0", "-"]
+    assert t1[:4] == ["t1", "2", "0", "1"] and re.fullmatch(r"2h0[45]m", t1[4])
+    assert t1[5] == "2026-01-02T03:04:05Z" and "3" in t1 and "(for" in tenants[1]
+    assert ", network)" in tenants[1] and tenants[1].rstrip().endswith("network: NewConnectionError")
+    assert tenants[2].split()[:5] == ["t2", "0", "1", "2", "-"] and tenants[2].rstrip().endswith("-")
+    assert tenants[3].split() == ["t3", "0", "0", "0", "-", "-", "0", "-", "-"]
 
     reasons = out.split("Top failure reasons", 1)[1].splitlines()[1:]
     assert [r.split(None, 1) for r in reasons] == [["COUNT", "REASON"], ["2", "unknown device"],

@@ -38,11 +38,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
 def queue_idle(db_url: str) -> bool:
     """No unfinished data-path queue message (queued or being processed).
 
-    Maintenance messages from a scheduler are left out: data-path tests run no
-    maintenance worker, so they would wait for one forever.
+    The scheduler's maintenance and outbox messages are left out: data-path
+    tests run no such worker, so they would wait for one forever.
     """
     return scalar(db_url, "SELECT count(*) FROM dramatiq.queue WHERE state IN ('queued', 'consumed') "
-                          "AND queue_name NOT IN ('maintenance', 'maintenance.DQ')") == 0
+                          "AND queue_name NOT IN ('maintenance', 'outbox')") == 0
 
 
 # The scheduled slot (workers/scheduler.py) of every queue message, as a list.

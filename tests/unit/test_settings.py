@@ -17,6 +17,9 @@ def test_defaults_work_on_one_machine(monkeypatch):
     ("EDGE_RETENTION_OUTBOX_DAYS", "6"), ("EDGE_DEDUPE_TTL_HOURS", "12"),
     ("EDGE_SYNC_TELEMETRY", "everything"), ("EDGE_EDGE_ID", "bad id"),
     ("EDGE_MQTT_PROTOCOL", "4"), ("EDGE_BATCH_MAX_MESSAGES", "0"),
+    ("EDGE_OUTBOX_BATCH_MAX_EVENTS", "1001"), ("EDGE_OUTBOX_BATCH_MAX_BYTES", "2000000"),
+    ("EDGE_OUTBOX_BACKOFF_MAX_SECONDS", "0"), ("EDGE_OUTBOX_CONCURRENCY", "0"),
+    ("EDGE_OUTBOX_VISIBILITY_SECONDS", "60"),  # less than 2 × the 30 s HTTP timeout + 10
 ])
 def test_out_of_range_names_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 import psycopg2
 import urllib.request
 
-from workers.bench import AGG_MISMATCH, WINDOW_UNITS, Db, say
+from workers.bench.ingest import AGG_MISMATCH, WINDOW_UNITS, Db, say
 from workers.cli import QUEUES
 from workers.processes import EdgeProcess, NotReady, edge_command
 
@@ -285,7 +285,7 @@ def publish_all(mqtt_url: str, messages: list[tuple[str, bytes]], timeout: float
 # --- the monitor's database connection ------------------------------------------------
 
 class Monitor:
-    """workers.bench.Db that reconnects: PostgreSQL is restarted under it."""
+    """workers.bench.ingest.Db that reconnects: PostgreSQL is restarted under it."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -351,7 +351,7 @@ class Chaos:
 
     def setup(self) -> None:
         from schema.migrate import migrate
-        from workers.bench import MOSQUITTO_CONFIG
+        from workers.bench.ingest import MOSQUITTO_CONFIG
         from workers.embedded import start_mosquitto, start_postgres
 
         self.tmp.mkdir(parents=True, exist_ok=True)
