@@ -682,10 +682,12 @@ class Chaos:
         try:
             at_sink = {r[0] for r in sink.execute("SELECT event_id FROM events")}
             deliveries = sink.execute("SELECT count(*) FROM deliveries").fetchone()[0]
+            failed, batches = sink.execute("SELECT count(*) FILTER (WHERE status >= 500), count(*) "
+                                           "FROM batches").fetchone()
         finally:
             sink.close()
-        self.say(f"  cloud sink: {len(at_sink):,} events stored, {deliveries:,} deliveries "
-                 f"({deliveries - len(at_sink):,} re-sent after a lost answer or 5xx, stored once)")
+        self.say(f"  cloud sink: {batches:,} batches, {failed:,} answered 5xx (injected); {len(at_sink):,} "
+                 f"events stored, {deliveries:,} delivered ({deliveries - len(at_sink):,} again, stored once)")
         return [("telemetry.ingested outbox events (one per message)", ingested_distinct, load.telemetry),
                 ("telemetry.ingested outbox events written twice", ingested - ingested_distinct, 0),
                 ("outbox events not acked", not_acked, 0),
