@@ -59,24 +59,21 @@ def test_snapshot_reads_every_figure_from_the_database(db_url, tmp_path):
     assert s.outbox_oldest_pending_seconds is not None
     assert 50 < s.last_ack_seconds < 300  # the newest ack: t2, a minute ago
     assert s.max_consecutive_failures == 4 and s.paused_tenants == ["t1"]
-    assert s.retention is None and s.inference_backlog is None  # tables of other work: n/a
+    assert s.retention == []  # no job has run yet
     assert s.volume.exact and s.volume.free_bytes > 0
 
     console = Console(force_terminal=True, width=110, record=True)
     console.print(render(s))
     screen = console.export_text()
     for expected in ("Queues (dramatiq.queue)", "accepted events", "paused tenants", "1 (t1)",
-                     "retention last runs", "n/a", "media volume free"):
+                     "retention last runs", "no job has run yet", "media volume free"):
         assert expected in screen, expected
 
 
-def test_retention_runs_show_when_the_scheduler_table_exists(db_url, tmp_path):
-    # The retention work's table (migration 0007 on its branch), as it will exist after the merge.
+def test_retention_runs_show_from_the_scheduler_table(db_url, tmp_path):
     with transaction(db_url) as conn:
-        conn.execute(text("CREATE TABLE scheduled_jobs (job text PRIMARY KEY, every_seconds double precision, "
-                          "last_slot_at timestamptz, last_enqueued_at timestamptz, last_success_at timestamptz)"))
-        conn.execute(text("INSERT INTO scheduled_jobs VALUES ('dedupe', 900, now(), now(), now() - interval '2 minutes'),"
-                          " ('media', 3600, now(), now(), NULL)"))
+        conn.execute(text("INSERT INTO scheduled_jobs (job, every_seconds, last_slot_at, last_success_at) VALUES "
+                          "('dedupe', 900, now(), now() - interval '2 minutes'), ('media', 3600, now(), NULL)"))
     s = read_snapshot(db_url, str(tmp_path / "not-yet"))
     assert [(r.job, r.success_seconds is None) for r in s.retention] == [("dedupe", False), ("media", True)]
     assert not s.volume.exact  # the media root does not exist: its nearest parent is measured
