@@ -9,7 +9,15 @@ ingest.before_commit, scheduler.before_commit / scheduler.after_commit (a tick
 that enqueues), retention.media_files_removed (files of a page deleted, their
 rows not yet), outbox.after_claim (claimed, not yet POSTed),
 outbox.after_post (the cloud answered, the answer not yet recorded).
+bridge.after_spool (a frame's staging file is durable,
+the batch not committed), media.before_rename (staged bytes verified, not yet
+in place), media.before_commit (file in place, no row yet).
+
+`EDGE_ENOSPC_WHILE=<file>`: while that file exists, `enospc_point` raises
+ENOSPC (a full media volume, mid-write); remove the file and space "returns".
 """
+
+import errno
 
 import os
 import signal
@@ -18,3 +26,9 @@ import signal
 def crash_point(name: str) -> None:
     if os.environ.get("EDGE_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def enospc_point(name: str) -> None:
+    marker = os.environ.get("EDGE_ENOSPC_WHILE")
+    if marker and os.path.exists(marker):
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")

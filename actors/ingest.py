@@ -38,6 +38,7 @@ from schema.db import DB_ERRORS, db_error_class, is_connection_error, raw_cursor
 
 MEDIA_QUEUE, MEDIA_ACTOR = "media", "store_media"
 log = logging.getLogger("farmiq_edge.ingest")
+INFERENCE_QUEUE, SUMMARY_ACTOR = "inference", "summarize_session"
 
 # Hot-path bulk writes (ARCHITECTURE: "execute_values / COPY"). With SQLAlchemy
 # insertmanyvalues, building and parsing 1,000-row INSERTs of telemetry_raw cost
@@ -52,6 +53,10 @@ DEDUPE_INSERT = text("""
      ORDER BY k.n
     ON CONFLICT DO NOTHING
     RETURNING tenant_id, event_id::text
+""")
+# Does a session have stored frames (index media_objects_tenant_session_idx)?
+SESSION_HAS_FRAMES = text("""
+    SELECT EXISTS (SELECT 1 FROM media_objects WHERE tenant_id = :tenant_id AND session_id = :session_id)
 """)
 RAW_COLUMNS = ("id", "tenant_id", "farm_id", "barn_id", "device_id", "occurred_at", "metric_type",
                "metric_value", "unit")
@@ -200,6 +205,8 @@ def _apply_sessions(conn: Connection, events: list[SessionEvent]) -> list[str]:
         new = applied.state
         if not applied.changed:
             continue
+        if new.status == "finalized":
+            _ask_for_summary(conn, e)
         conn.execute(insert(sync_outbox), outbox_row(
             session_event_type(e.action), tenant_id=e.tenant_id, farm_id=e.farm_id,
             barn_id=e.barn_id, device_id=e.device_id, occurred_at=e.occurred_at,
@@ -246,14 +253,32 @@ def _apply_session_event(conn: Connection, e: SessionEvent) -> _Applied | None:
 
 
 def _hand_off_media(conn: Connection, events: list[MediaEvent]) -> None:
-    # The media actor (queue `media`) writes the file and its media_objects
+    # The media actor (queue `media`) places the file and writes its media_objects
     # row; enqueued in this transaction so a frame is never dropped between.
+    # The event carries the bridge's staging reference, never the bytes.
     if not events:
         return
     with raw_cursor(conn) as cursor:
         for e in events:
+            if e.staged is None:
+                raise PermanentError("media event without a staging reference")
             broker.enqueue_in(cursor, Message(queue_name=MEDIA_QUEUE, actor_name=MEDIA_ACTOR, args=(),
-                                              kwargs={"event": e.model_dump(mode="json")}, options={}))
+                                              kwargs={"event": e.model_dump(mode="json",
+                                                                            exclude={"image_b64"})},
+                                              options={}))
+
+
+def _ask_for_summary(conn: Connection, e: SessionEvent) -> None:
+    # The inference queue sends the session summary once every frame of the
+    # finalized session has a result (actors/inference.py); in this transaction,
+    # so a finalize is never left without its check. A session with no stored
+    # frame yet needs none: the inference run that weighs its first frame
+    # checks it (and waits for this transaction's row lock on the session).
+    if not conn.execute(SESSION_HAS_FRAMES, {"tenant_id": e.tenant_id, "session_id": e.session_id}).scalar():
+        return
+    with raw_cursor(conn) as cursor:
+        broker.enqueue_in(cursor, Message(queue_name=INFERENCE_QUEUE, actor_name=SUMMARY_ACTOR, args=(),
+                                          kwargs={"session_id": str(e.session_id)}, options={}))
 
 
 def _state_of(row: Any) -> SessionState:

@@ -67,3 +67,20 @@ OUTBOX_BATCHES = Counter("farmiq_edge_outbox_batches_total",
 OUTBOX_BATCH_SECONDS = Histogram("farmiq_edge_outbox_batch_seconds",
                                  "Round trip of one batch POST (request sent → answer read).",
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+# Media and inference (issue 8).
+MEDIA_BYTES_WRITTEN = Counter("farmiq_edge_media_bytes_written_total",
+                              "Frame bytes written to the media volume (spooled once by the bridge).")
+# Free and total bytes of the media volume: workers/db_metrics.py (scheduler, at scrape time).
+MEDIA_VOLUME_PRESSURE = Gauge("farmiq_edge_media_volume_full",
+                              "1 while frames are held because the media volume is full.",
+                              multiprocess_mode="max")
+MEDIA_STORED = Counter("farmiq_edge_media_stored_total",
+                       "Frames placed at their final path with their media_objects row.", ["result"])
+INFERENCE_FRAMES = Counter("farmiq_edge_inference_results_total",
+                           "inference_results rows written, by model version.", ["model_version"])
+INFERENCE_SECONDS = Histogram("farmiq_edge_inference_seconds",
+                              "Model run time per frame (a batch's run divided by its frames).",
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
+INFERENCE_SKIPPED = Counter("farmiq_edge_inference_skipped_total",
+                            "Frames that could not be run (file missing or unreadable).", ["reason"])

@@ -5,10 +5,15 @@
 
 `.png` for PNG frames; `captured_at` in UTC as `YYYYMMDDTHHMMSSmmmZ` (SPEC §1.4).
 
+Frames waiting for the media actor sit in `{root}/.staging/` (a name no
+tenant id can take: ids start with a letter or digit), named after the event
+and the bytes, so a redelivered message names the same staging file.
+
 Pure: computes a path, touches nothing.
 """
 
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from uuid import UUID
@@ -16,6 +21,14 @@ from uuid import UUID
 from models.ids import ID_PATTERN, ID_RE
 
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
+STAGING_DIR = ".staging"
+STAGING_NAME_PATTERN = r"^[0-9a-f]{32}-[0-9a-f]{16}\.(jpg|png)$"
+STAGING_NAME_RE = re.compile(STAGING_NAME_PATTERN)
+
+
+def staging_name(event_id: UUID, sha256: str, mime_type: str) -> str:
+    """`{event_id hex}-{first 16 hex of sha256}.jpg`: the same event and bytes, the same name."""
+    return f"{UUID(str(event_id)).hex}-{sha256[:16]}.{EXTENSIONS[mime_type]}"
 
 
 def captured_at_stamp(captured_at: datetime) -> str:

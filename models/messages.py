@@ -40,6 +40,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from models.ids import ID_PATTERN, ID_RE, media_id_for
+from models.media_path import STAGING_NAME_PATTERN
 
 KINDS = ("telemetry", "session", "media")
 REJECT_REASONS = (
@@ -194,7 +195,8 @@ def _image_error(reason: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(reason, message)
 
 
-def _check_image(image_b64: str, mime_type: str, max_bytes: int) -> None:
+def decode_image_b64(image_b64: str, max_bytes: int) -> bytes:
+    """The frame's bytes; `too_large` / `bad_image` errors as the validators raise them."""
     # Refuse before allocating the decoded buffer.
     if len(image_b64) // 4 * 3 - 2 > max_bytes:
         raise _image_error("too_large", "decoded image is over the media size limit")
@@ -204,6 +206,15 @@ def _check_image(image_b64: str, mime_type: str, max_bytes: int) -> None:
         raise _image_error("bad_image", "image_b64 is not valid base64") from None
     if len(data) > max_bytes:
         raise _image_error("too_large", "decoded image is over the media size limit")
+    return data
+
+
+def image_problem(data: bytes, mime_type: str) -> tuple[str, str] | None:
+    """Why `data` is not a storable `mime_type` frame, as (reason, message); None if it is.
+
+    Used at ingress (the bridge) and again by the media actor on the bytes it
+    is about to store.
+    """
     try:
         with _IMAGE_CLASSES[mime_type](io.BytesIO(data)) as image:
             width, height = image.size
@@ -211,13 +222,20 @@ def _check_image(image_b64: str, mime_type: str, max_bytes: int) -> None:
                 image.verify()  # PNG: chunk CRCs; never decodes pixels
     except Exception:
         # Untrusted bytes: Pillow signals bad input with many exception types.
-        raise _image_error("bad_image", f"image_b64 is not a valid {mime_type} image") from None
+        return "bad_image", f"image is not a valid {mime_type} image"
     if width * height > MAX_PIXELS:
-        raise _image_error("too_large", "image is over 50 megapixels")
+        return "too_large", "image is over 50 megapixels"
     # JPEG `verify()` checks nothing; a frame cut short in transit lacks EOI
     # and would fail later, in the inference actor.
     if mime_type == "image/jpeg" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        raise _image_error("bad_image", "JPEG image is truncated")
+        return "bad_image", "JPEG image is truncated"
+    return None
+
+
+def _check_image(image_b64: str, mime_type: str, max_bytes: int) -> None:
+    problem = image_problem(decode_image_b64(image_b64, max_bytes), mime_type)
+    if problem is not None:
+        raise _image_error(*problem)
 
 
 def _image_context(info: ValidationInfo) -> int | None:
@@ -288,18 +306,38 @@ class SessionEvent(_Event):
     raw_b64: str | None = None
 
 
+class StagedImage(BaseModel):
+    """Where the bridge spooled a frame's bytes on the media volume (actors/media_volume.py).
+
+    `name` is a file in the volume's staging folder, never a path: the media
+    actor joins it to EDGE_MEDIA_ROOT itself.
+    """
+
+    model_config = _CONFIG
+
+    name: Annotated[str, Field(pattern=STAGING_NAME_PATTERN)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size_bytes: Annotated[int, Field(strict=True, ge=1)]
+
+
 class MediaEvent(_Event):
+    """A frame. At ingress it carries `image_b64`; in the queue only `staged`
+    (the bytes travel once: to the media volume, never through the queue)."""
+
     kind: Literal["media"] = "media"
     media_id: UUID
     session_id: UUID | None = None
     captured_at: Timestamp
     mime_type: MimeType
-    image_b64: str
+    image_b64: str | None = None
+    staged: StagedImage | None = None
 
     @model_validator(mode="after")
     def _image(self, info: ValidationInfo) -> "MediaEvent":
+        if (self.image_b64 is None) == (self.staged is None):
+            raise PydanticCustomError("schema", "a media event carries image_b64 or staged, not both")
         max_bytes = _image_context(info)
-        if max_bytes is not None:
+        if max_bytes is not None and self.image_b64 is not None:
             _check_image(self.image_b64, self.mime_type, max_bytes)
         return self
 

@@ -7,6 +7,7 @@ exit code 2 before anything starts.
 
 from datetime import timedelta
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -109,6 +110,28 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least 2 × EDGE_OUTBOX_HTTP_TIMEOUT_SECONDS + 10 "
                              f"({2 * timeout + 10:g})")
         return value
+
+    # Media and inference (issue 8): the media volume, the weight model.
+    # Below this many free bytes on the media volume the bridge spools no frame
+    # (it holds the message un-acked and retries); 0 turns the floor off.
+    media_min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    # A staging file this old that no unfinished queue message names is swept.
+    media_staging_max_age_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Another ONNX model with the contract in the README; empty: the baseline shipped in models/weights/.
+    model_path: str = ""
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_file(cls, value: str) -> str:
+        if value and not (value.endswith(".onnx") and Path(value).is_file()):
+            raise ValueError("must name an existing .onnx file (empty: the shipped baseline)")
+        return value
+
+    # onnxruntime intra-op threads per process. 1 on the 2-core box: the
+    # baseline model is memory-bound (2 threads gained nothing measurable) and
+    # the other core stays free for the bridge, PostgreSQL and the other pools.
+    inference_threads: int = Field(default=1, ge=1, le=64)
+    inference_batch: int = Field(default=8, ge=1, le=256)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -171,3 +171,20 @@ scheduled_jobs = Table(
     Column("last_success_at", _tz()),
     Column("last_report", JSONB),
 )
+
+# Media and inference (issue 8, migration 0005).
+inference_pending = Table(
+    "inference_pending", metadata,
+    Column("media_id", UUID(as_uuid=True), primary_key=True),
+    Column("created_at", _tz(), nullable=False),
+)
+
+weighvision_session_summaries = Table(
+    "weighvision_session_summaries", metadata,
+    Column("session_id", UUID(as_uuid=True), primary_key=True),
+    Column("model_version", Text, primary_key=True),
+    Column("frame_count", Integer, nullable=False),
+    Column("median_weight_kg", Float, nullable=False),
+    Column("event_id", UUID(as_uuid=True), nullable=False),
+    Column("updated_at", _tz(), nullable=False),
+)

@@ -62,6 +62,7 @@ from actors.ingest import ingest_batch
 from actors.broker import broker
 from actors.gc_tuning import tune_gc
 from actors.faults import crash_point
+from actors.media_volume import Spool, VolumeFull
 from actors.metrics import BRIDGE_BATCH_SECONDS, BRIDGE_BATCHES, INGRESS_REJECTED
 from models.dead_letters import dead_letter_row
 from models.messages import Rejected, parse_message
@@ -79,6 +80,7 @@ HEARTBEAT_EVERY_SECONDS = 1.0
 MIN_DB_BACKOFF_SECONDS = 0.1
 MAX_DB_BACKOFF_SECONDS = 1.0
 DB_ERROR_LOG_EVERY_SECONDS = 10.0
+HOLD_SECONDS = 2.0  # a frame held for lack of disk space is offered again this much later
 
 
 @dataclass(frozen=True)
@@ -251,9 +253,13 @@ class Bridge:
         while not self.stopping.is_set():
             batch = self._collect()
             if batch.deliveries:
-                if self._commit_with_retry(batch):
-                    self._ack(batch)
-                self._release(batch.deliveries)
+                held = self._commit_with_retry(batch)
+                if held is not None:
+                    self._ack(batch, skip=held)
+                    if held:  # frames the full media volume could not take: offered again later
+                        threading.Timer(HOLD_SECONDS, lambda h=held: [self.inbox.put(d) for d in h]).start()
+                kept = {id(d) for d in held or ()}
+                self._release([d for d in batch.deliveries if id(d) not in kept])
             if time.monotonic() - last_beat >= HEARTBEAT_EVERY_SECONDS:
                 self._beat()
                 last_beat = time.monotonic()
@@ -293,16 +299,17 @@ class Bridge:
         if self.mqtt_alive():
             Path(self.settings.bridge_heartbeat_path).touch()
 
-    def _commit_with_retry(self, batch: Batch) -> bool:
-        """Commit, retrying on any database error; False if stopped first."""
+    def _commit_with_retry(self, batch: Batch) -> list[Delivery] | None:
+        """Commit, retrying on any database error; the deliveries held back (see
+        commit_batch), or None if stopped first."""
         backoff = MIN_DB_BACKOFF_SECONDS
         failing_since, last_log = 0.0, 0.0
         while True:
             try:
-                commit_batch(self.settings, batch.deliveries)
+                held = commit_batch(self.settings, batch.deliveries)
                 if failing_since:
                     log.info("event=db_available outage_seconds=%.1f", time.monotonic() - failing_since)
-                return True
+                return held
             except DB_ERRORS as exc:
                 # Every database error class is retried: nothing is acked before
                 # its commit, so retrying is always safe; the backoff keeps it
@@ -317,24 +324,28 @@ class Bridge:
                                 db_error_class(exc), len(batch.deliveries), now - failing_since)
                 self._beat()
                 if self.stopping.wait(backoff):
-                    return False  # never acked: the broker redelivers next session
+                    return None  # never acked: the broker redelivers next session
                 backoff = min(backoff * 2, MAX_DB_BACKOFF_SECONDS)
 
-    def _ack(self, batch: Batch) -> None:
+    def _ack(self, batch: Batch, skip: list[Delivery] = ()) -> None:
         # In arrival order. A delivery from an earlier connection is not acked
         # on this one: the broker redelivers it and dedupe drops the copy.
+        skipped = {id(d) for d in skip}
         with self._ack_lock:
             for d in batch.deliveries:
-                if d.generation == self.generation and d.qos > 0:
+                if d.generation == self.generation and d.qos > 0 and id(d) not in skipped:
                     self.client.ack(d.mid, d.qos)
 
 
-def commit_batch(settings: Settings, deliveries: list[Delivery]) -> None:
+def commit_batch(settings: Settings, deliveries: list[Delivery]) -> list[Delivery]:
     """Validate `deliveries`; in ONE transaction dead-letter the rejected ones and
-    enqueue the valid ones as one `ingest` message (commit point)."""
+    enqueue the valid ones as one `ingest` message (commit point). A frame's bytes
+    are spooled to the media volume and fsynced before it (actors/media_volume.py);
+    frames the volume cannot take now are returned, neither committed nor to be acked."""
     s = settings
     now = datetime.now(timezone.utc)
-    events, dead, reasons = [], [], []
+    events, dead, reasons, held = [], [], [], []
+    spool = Spool(s.media_root, min_free_bytes=s.media_min_free_bytes)
     for d in deliveries:
         try:
             try:
@@ -349,7 +360,11 @@ def commit_batch(settings: Settings, deliveries: list[Delivery]) -> None:
             dead.append(dead_letter_row(topic, d.payload, rejected.reason, rejected.detail))
             reasons.append(rejected.reason)
             continue
-        events.append(event.model_dump(mode="json"))
+        try:
+            events.append(spool.event_json(event))  # a frame's bytes go to disk, not the queue
+        except VolumeFull:
+            held.append(d)
+    spool.sync()  # staged frames durable before the commit
     started = time.monotonic()
     with transaction(s.database_url) as conn:  # commit point (see module docstring)
         if dead:
@@ -363,6 +378,7 @@ def commit_batch(settings: Settings, deliveries: list[Delivery]) -> None:
     BRIDGE_BATCHES.inc()
     for reason in reasons:
         INGRESS_REJECTED.labels(reason).inc()
+    return held
 
 
 def run_bridge(settings: Settings) -> int:

@@ -19,10 +19,10 @@ import sqlalchemy.exc
 from models.settings import Settings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANNOT_CONNECT = 0, 1, 2, 3
-QUEUES = ("ingest", "aggregate", "outbox", "maintenance")
+QUEUES = ("ingest", "aggregate", "media", "inference", "outbox", "maintenance")
 # Actor modules by queue: `farmiq-edge worker --queues X` imports only these.
-ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate", "outbox": "actors.outbox",
-                 "maintenance": "actors.retention"}
+ACTOR_MODULES = {"ingest": "actors.ingest", "aggregate": "actors.aggregate", "media": "actors.media",
+                 "inference": "actors.inference", "outbox": "actors.outbox", "maintenance": "actors.retention"}
 
 log = logging.getLogger("farmiq_edge")
 
@@ -125,6 +125,9 @@ def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.what == "inference":
+        from workers.bench_inference import run_inference_bench
+        return run_inference_bench(settings, args)
     if args.what == "queue":
         from workers.bench_queue import run_queue_bench
         return run_queue_bench(settings, args)
@@ -280,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--devices", type=int, default=200, help="devices (default 200)")
     a.add_argument("--catch-up-events", type=int, default=10_000, help="events during the outage (default 10,000)")
     a.add_argument("--outage-seconds", type=float, default=20.0, help="outage length (default 20)")
+    a = bench.add_parser("inference", help="weight model frames/s and p50/p99 at 640x480, and end to end",
+                         description="weight model frames/s and p50/p99 at 640x480 JPEG: model only, "
+                                     "and end to end (publish → inference_results row) with the "
+                                     "queue-table bytes added per frame")
+    a.add_argument("--frames", type=int, default=300, help="frames published end to end (default 300)")
+    a.add_argument("--rate", type=float, default=20.0, help="offered frames/s (default 20; 0: unpaced)")
+    a.add_argument("--seconds", type=float, default=5.0, help="model-only run time (default 5)")
+    a.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
     a = bench.add_parser("queue", help="queue store: drain a no-op backlog, ours vs stock dramatiq-pg",
                          description="drain a backlog of no-op messages with real dramatiq worker processes, "
                                      "ours and then stock dramatiq-pg; rate, pg_locks, worker RSS")

@@ -2,10 +2,13 @@
 
 For newcomers (`farmiq-edge up` runs it) and demos, not for load: the
 benchmark has its own publisher. Telemetry every few seconds per device, a
-weighing session now and then, and an occasional malformed message so the
-dead-letter path shows up too.
+weighing session now and then, a WeighVision camera that sends a session with
+a few synthetic frames (workers/dev/frames.py: a bird of known area, so the
+weights in inference_results are predictable), and an occasional malformed
+message so the dead-letter path shows up too.
 """
 
+import base64
 import json
 import logging
 import random
@@ -30,6 +33,31 @@ def _topic(device: str, kind: str) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+CAMERA = "camera-01"
+CAMERA_FRAMES = 5  # frames per weighing session, one per tick
+_RUN = uuid.uuid4().hex  # session ids differ from one simulator run to the next
+
+
+def _camera(client: mqtt.Client, tick: int, rng: random.Random) -> None:
+    """Every 20 ticks: start a session, send CAMERA_FRAMES frames on the next ticks, finalize."""
+    from workers.dev.frames import bird_frame
+
+    step = (tick - 1) % 20  # ticks count from 1
+    if step > CAMERA_FRAMES + 1:
+        return
+    session_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{CAMERA}/{_RUN}/{(tick - 1) // 20}"))
+    if step in (0, CAMERA_FRAMES + 1):
+        action = "start" if step == 0 else "finalize"
+        client.publish(_topic(CAMERA, "session"), json.dumps(
+            {"event_id": str(uuid.uuid4()), "occurred_at": _now(), "session_id": session_id,
+             "action": action, "batch_id": "batch-demo"}), qos=1)
+        return
+    frame = bird_frame(scale=rng.uniform(0.8, 1.2), seed=rng.randrange(1 << 30))
+    client.publish(_topic(CAMERA, "media"), json.dumps(
+        {"event_id": str(uuid.uuid4()), "occurred_at": _now(), "session_id": session_id,
+         "mime_type": "image/jpeg", "image_b64": base64.b64encode(frame.data).decode()}), qos=1)
 
 
 def run_simulator(settings: Settings, *, devices: int = 5, interval: float = 2.0) -> int:
@@ -64,6 +92,7 @@ def run_simulator(settings: Settings, *, devices: int = 5, interval: float = 2.0
             client.publish(_topic(scale, "session"), json.dumps(
                 {"event_id": str(uuid.uuid4()), "occurred_at": _now(), "session_id": sessions[scale],
                  "action": action, "batch_id": "batch-demo", "weight_kg": weight}), qos=1)
+        _camera(client, tick, rng)
         if tick % 15 == 0:
             client.publish(_topic("sensor-00", "telemetry"), b'{"event_id": "not-a-uuid"}', qos=1)
         log.info("event=simulated tick=%d devices=%d", tick, devices)

@@ -29,7 +29,10 @@ def test_up_runs_everything_embedded_with_simulated_devices(tmp_path):
         wait_until(lambda: scalar(db_url, "SELECT count(*) FROM telemetry_agg WHERE \"window\" = '1m'") > 0,
                    60, "simulated telemetry to be ingested and aggregated")
         assert scalar(db_url, "SELECT count(*) FROM telemetry_raw") > 0
-        assert scalar(db_url, "SELECT count(*) FROM weight_sessions") == 1
+        assert scalar(db_url, "SELECT count(*) FROM weight_sessions") == 2  # the scale's, the camera's
+        # The camera's frames: stored by the media pool, weighed by the inference pool.
+        wait_until(lambda: scalar(db_url, "SELECT count(*) FROM inference_results") > 0, 90,
+                   "simulated frames to be stored and weighed")
         # No EDGE_CLOUD_URL: the outbox forwards to the reference cloud sink.
         wait_until(lambda: scalar(db_url, "SELECT count(*) FROM sync_outbox WHERE status = 'acked'") > 0,
                    60, "outbox events acked by the reference cloud sink")

@@ -5,6 +5,7 @@ bridge builds them; each call runs in its own `schema.db.transaction`, the
 unit of work of the ingest actor.
 """
 
+import hashlib
 from datetime import datetime, timedelta, timezone
 from itertools import permutations
 from typing import Any
@@ -15,7 +16,8 @@ import psycopg2.extras
 import pytest
 
 from actors.ingest import ingest_events
-from models.messages import parse_message
+from models.media_path import staging_name
+from models.messages import StagedImage, parse_message
 from models.session_rules import apply_session_event
 from schema.db import transaction
 from tests.support import corpus
@@ -45,7 +47,13 @@ def session(event_id: UUID, at: datetime, session_id: UUID, action: str, **kw: A
 
 
 def media(event_id: UUID, at: datetime, **kw: Any) -> Any:
-    return parse("media", corpus.media_payload(event_id, at, corpus.jpeg_bytes(), **kw))
+    """A media event as the bridge enqueues it: bytes spooled, a staging reference instead."""
+    data = corpus.jpeg_bytes()
+    event = parse("media", corpus.media_payload(event_id, at, data, **kw))
+    sha = hashlib.sha256(data).hexdigest()
+    staged = StagedImage(name=staging_name(event.event_id, sha, event.mime_type), sha256=sha,
+                         size_bytes=len(data))
+    return event.model_copy(update={"image_b64": None, "staged": staged})
 
 
 def ingest(db_url: str, events: list, sync_telemetry: str = "agg") -> tuple[dict, dict, dict]:
@@ -386,7 +394,8 @@ def test_media_event_enqueues_one_media_message(db_url: str) -> None:
     sent = m["message"]["kwargs"]["event"]
     assert sent["event_id"] == str(ev(1)) and sent["session_id"] == str(SID)
     assert sent["media_id"] == str(event.media_id)
-    assert sent["tenant_id"] == corpus.TENANT and sent["image_b64"] == event.image_b64
+    assert sent["tenant_id"] == corpus.TENANT and "image_b64" not in sent  # bytes travel once
+    assert sent["staged"] == event.staged.model_dump(mode="json")
     assert counts(db_url)["media_objects"] == 0  # the media actor writes the file and row
 
 

@@ -60,6 +60,7 @@ def test_snapshot_reads_every_figure_from_the_database(db_url, tmp_path):
     assert 50 < s.last_ack_seconds < 300  # the newest ack: t2, a minute ago
     assert s.max_consecutive_failures == 4 and s.paused_tenants == ["t1"]
     assert s.retention == []  # no job has run yet
+    assert s.inference_backlog == 0  # inference_pending (migration 0005), empty
     assert s.volume.exact and s.volume.free_bytes > 0
 
     console = Console(force_terminal=True, width=110, record=True)

@@ -20,6 +20,9 @@ def test_defaults_work_on_one_machine(monkeypatch):
     ("EDGE_OUTBOX_BATCH_MAX_EVENTS", "1001"), ("EDGE_OUTBOX_BATCH_MAX_BYTES", "2000000"),
     ("EDGE_OUTBOX_BACKOFF_MAX_SECONDS", "0"), ("EDGE_OUTBOX_CONCURRENCY", "0"),
     ("EDGE_OUTBOX_VISIBILITY_SECONDS", "60"),  # less than 2 × the 30 s HTTP timeout + 10
+    ("EDGE_MEDIA_MIN_FREE_BYTES", "-1"), ("EDGE_MEDIA_STAGING_MAX_AGE_SECONDS", "5"),
+    ("EDGE_MODEL_PATH", "/nonexistent/model.onnx"), ("EDGE_INFERENCE_THREADS", "0"),
+    ("EDGE_INFERENCE_BATCH", "1000"),
 ])
 def test_out_of_range_names_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

@@ -1,0 +1,1 @@
+"""Developer tooling that is not a production process: model builder, synthetic frames."""
