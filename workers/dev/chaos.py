@@ -601,7 +601,8 @@ class Chaos:
                                   "FROM weight_sessions")
         s_events, s_distinct = one("""
             SELECT count(*), count(DISTINCT payload_json->>'source_event_id') FROM sync_outbox
-             WHERE event_type LIKE 'weighvision.session.%%'""")
+             WHERE event_type IN ('weighvision.session.created', 'weighvision.session.finalized',
+                                  'weighvision.session.cancelled')""")
         agg_events, agg_distinct = one("""
             SELECT count(*), count(DISTINCT (device_id, payload_json->>'metric_type', payload_json->>'window',
                                              payload_json->>'bucket_start_at', payload_json->>'count'))
@@ -649,6 +650,19 @@ class Chaos:
                 SELECT (SELECT count(*) FROM inference_results),
                        count(*), count(DISTINCT payload_json->>'source_event_id')
                   FROM sync_outbox WHERE event_type = 'media.stored'""")
+            # A late frame sends a new summary that supersedes the last: a duplicate is
+            # the same summary twice; the latest must count every frame of its session.
+            summaries, summaries_distinct = db.one("""
+                SELECT count(*), count(DISTINCT (session_id, payload_json->>'frame_count',
+                                                 payload_json->>'median_predicted_weight_kg'))
+                  FROM sync_outbox WHERE event_type = 'weighvision.session.summary'""")
+            stale_summaries = db.one("""
+                SELECT count(*) FROM (SELECT session_id, count(*) AS n FROM media_objects
+                                       WHERE session_id IS NOT NULL GROUP BY 1) m
+                  LEFT JOIN (SELECT session_id, max((payload_json->>'frame_count')::int) AS n
+                               FROM sync_outbox WHERE event_type = 'weighvision.session.summary'
+                              GROUP BY 1) s USING (session_id)
+                 WHERE s.n IS DISTINCT FROM m.n""")[0]
         finally:
             db.close()
         root = Path(self.env["EDGE_MEDIA_ROOT"])
@@ -664,7 +678,9 @@ class Chaos:
                 ("files left in staging", len(staged), 0),
                 ("inference_results rows (one per frame)", results, frames),
                 ("media.stored outbox events (one per frame)", stored_distinct, frames),
-                ("media.stored outbox events written twice", stored_events - stored_distinct, 0)]
+                ("media.stored outbox events written twice", stored_events - stored_distinct, 0),
+                ("weighvision.session.summary events written twice", summaries - summaries_distinct, 0),
+                ("sessions whose latest summary misses frames", stale_summaries, 0)]
 
     def check_cloud(self, load: Load) -> list[tuple[str, int, int]]:
         """Every outbox event acked, and at the sink once by id; telemetry.ingested once per message."""
