@@ -315,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--qos0-every", type=int, default=0, metavar="N",
                    help="publish every N-th message at QoS 0 (a misconfigured device; default 0: none)")
     a.add_argument("--timeout", type=float, default=600, help="seconds allowed to settle (default 600)")
+    a = bench.add_parser("chaos", help="fault suite: kill -9 / restart every process and service under "
+                                       "load, then count every event (exit 1 on loss or duplicates)",
+                         description="steady telemetry and session load through a private Mosquitto and "
+                                     "PostgreSQL into the real processes; kill -9 and restarts on a seeded "
+                                     "schedule; then 0 lost, 0 duplicated, aggregates = GROUP BY")
+    a.add_argument("--duration", type=float, default=300, help="seconds of load and faults (default 300)")
+    a.add_argument("--rate", type=float, default=200, help="telemetry msg/s (default 200)")
+    a.add_argument("--seed", type=int, help="fault schedule seed (default: random, printed)")
     return parser
 
 

@@ -8,6 +8,7 @@
 - `inference` (inference.py): the weight model, alone and end to end;
 - `retention` (retention.py): maintenance under ingest load;
 - `fuzz` (fuzz.py): a generated corpus of bad messages against a running system;
+- `chaos` (chaos.py): faults on a recorded schedule under load, then every count checked;
 - mosquitto_durability.py: what each Mosquitto persistence setting costs (run by path).
 """
 
@@ -18,7 +19,8 @@ from models.settings import Settings
 
 RUNNERS = {"ingest": ("ingest", "run_bench"), "queue": ("queue", "run_queue_bench"),
            "outbox": ("outbox", "run_outbox_bench"), "inference": ("inference", "run_inference_bench"),
-           "retention": ("retention", "run_retention_bench"), "fuzz": ("fuzz", "run_fuzz_bench")}
+           "retention": ("retention", "run_retention_bench"), "fuzz": ("fuzz", "run_fuzz_bench"),
+           "chaos": ("chaos", "run_chaos_bench")}
 
 
 def run_bench(settings: Settings, args: Any) -> int:
