@@ -99,8 +99,9 @@ class Settings(BaseSettings):
     # Events left claimed by a forwarder that died return to pending after this.
     # Must outlast a live forwarder's claim → POST → record (2 × timeout + 10 s).
     outbox_visibility_seconds: float = Field(default=120.0, ge=5.0, le=3600.0)
-    # Batches in flight at once per forwarder process.
-    outbox_concurrency: int = Field(default=2, ge=1, le=16)
+    # Batches in flight at once per forwarder process (4: 20k events/s on 2 cores, 2: 16.6k).
+    # Each needs a worker thread (EDGE_WORKER_THREADS).
+    outbox_concurrency: int = Field(default=4, ge=1, le=16)
 
     @field_validator("outbox_visibility_seconds")
     @classmethod
