@@ -26,6 +26,10 @@ and ack. This module adds:
 - A consumer keeps one id per queue and process, so a consumer dramatiq
   restarts in-process keeps the lease of the messages its threads still hold.
 - Rejected messages stay for `farmiq-edge dlq`; acked ones are deleted.
+
+Building the broker opens no connection (every connection is made on first
+use, in the process and thread that uses it), so importing an actor module for
+a constant costs nothing, needs no database, and nothing crosses a fork.
 """
 
 import logging
