@@ -24,6 +24,7 @@ so two runs finishing frames of one session cannot both miss (or both send) it.
 from actors.broker import broker  # noqa: F401,I001 - the broker is set before any actor
 
 import logging
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -147,6 +148,12 @@ def infer_batch(conn: Connection, model: WeightModel, batch: int) -> int:
                 INFERENCE_SECONDS.observe(per_frame)
                 results.append((row, p))
     for row, p in results:
+        if not all(math.isfinite(v) for v in (p.weight_kg, p.confidence, p.size) if v is not None):
+            # A model (EDGE_MODEL_PATH) that answers NaN/inf for one frame: set it aside,
+            # the rest of the batch flows on (NaN would also be refused in the event's JSON).
+            INFERENCE_SKIPPED.labels("non_finite").inc()
+            log.warning("event=inference_skipped reason=non_finite media_id=%s", row.id)
+            continue
         inserted = conn.execute(INSERT_RESULT, {
             "id": new_id(), "tenant_id": row.tenant_id, "farm_id": row.farm_id, "barn_id": row.barn_id,
             "device_id": row.device_id, "session_id": row.session_id, "media_id": row.id,

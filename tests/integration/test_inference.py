@@ -1,5 +1,6 @@
 """Inference actor body (`infer_batch`, `refresh_summary`) and the baseline model, on real PostgreSQL."""
 
+import dataclasses
 import os
 from datetime import timedelta
 from uuid import uuid4
@@ -135,6 +136,26 @@ def test_a_frame_whose_file_is_gone_is_skipped_not_waited_for(db_url, tmp_path):
     assert query(db_url, "SELECT count(*) FROM inference_results")[0][0] == 2
     [(_, summary)] = summaries(db_url)
     assert summary["frame_count"] == 2
+
+
+def test_a_non_finite_prediction_is_set_aside_and_the_batch_flows_on(db_url, tmp_path):
+    root, model = tmp_path / "media", WeightModel()
+    for i in range(3):
+        store(db_url, root, bird_frame(seed=i))
+
+    class OneNaN:  # a model (EDGE_MODEL_PATH) that answers NaN for the first frame it sees
+        version, answered = model.version, False
+
+        def predict(self, batch):
+            predictions = model.predict(batch)
+            if not self.answered:
+                predictions[0] = dataclasses.replace(predictions[0], weight_kg=float("nan"))
+                self.answered = True
+            return predictions
+
+    assert run(db_url, OneNaN()) == 3
+    assert query(db_url, "SELECT count(*) FROM inference_results")[0][0] == 2
+    assert query(db_url, "SELECT count(*) FROM inference_pending")[0][0] == 0
 
 
 def test_another_model_via_edge_model_path_weighs_again_under_its_version(db_url, tmp_path):
