@@ -125,12 +125,13 @@ TABLE_EXISTS = text("SELECT to_regclass(:name) IS NOT NULL")
 # inference_backlog: frames waiting for the model (media branch's work list).
 INFERENCE_BACKLOG = text("SELECT count(*) FROM inference_pending")
 
-# retention_runs: the scheduler's jobs and the last successful run of each (retention branch).
+# retention_runs: the maintenance jobs (scheduler slots `retention.<job>`) and the last successful run of each.
 RETENTION_RUNS = text("""
-    SELECT job,
+    SELECT substr(job, length('retention.') + 1)        AS job,
            extract(epoch FROM now() - last_success_at)  AS success_seconds,
            extract(epoch FROM now() - last_enqueued_at) AS enqueued_seconds
       FROM scheduled_jobs
+     WHERE job LIKE 'retention.%'
      ORDER BY job
 """)
 

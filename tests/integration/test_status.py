@@ -74,7 +74,8 @@ def test_snapshot_reads_every_figure_from_the_database(db_url, tmp_path):
 def test_retention_runs_show_from_the_scheduler_table(db_url, tmp_path):
     with transaction(db_url) as conn:
         conn.execute(text("INSERT INTO scheduled_jobs (job, every_seconds, last_slot_at, last_success_at) VALUES "
-                          "('dedupe', 900, now(), now() - interval '2 minutes'), ('media', 3600, now(), NULL)"))
+                          "('retention.dedupe', 900, now(), now() - interval '2 minutes'), "
+                          "('retention.media', 3600, now(), NULL), ('aggregate', 1, now(), NULL)"))
     s = read_snapshot(db_url, str(tmp_path / "not-yet"))
     assert [(r.job, r.success_seconds is None) for r in s.retention] == [("dedupe", False), ("media", True)]
     assert not s.volume.exact  # the media root does not exist: its nearest parent is measured
