@@ -23,6 +23,7 @@ from psycopg2.extras import Json, execute_values
 from actors.broker import EdgeBroker
 from actors.queue_dead_letters import DeadLetters
 from actors.queue_consumer import CLAIM, EdgeConsumer
+from tests.support.processes import rows as query
 
 THREADS = 4
 
@@ -66,15 +67,6 @@ def bulk_enqueue(url: str, queue: str, actor_name: str, n: int) -> list[str]:
     conn.close()
     return ids
 
-
-def query(url: str, sql: str, params: tuple | dict | None = None) -> list[tuple]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 LOCKS = """

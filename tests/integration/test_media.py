@@ -11,7 +11,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from uuid import UUID, uuid4
 
-import psycopg2
 import pytest
 
 from actors.queue_dead_letters import PermanentError
@@ -20,6 +19,7 @@ from actors.media_volume import Spool, VolumeFull, staging_dir, sweep_stale_stag
 from models.media_path import media_path
 from models.messages import MediaEvent, parse_message
 from models.settings import load_settings
+from tests.support.processes import rows as query
 from tests.support import corpus
 from workers.dev.frames import bird_frame
 
@@ -47,16 +47,6 @@ def spooled(root: Path, event: MediaEvent) -> MediaEvent:
     spool.sync()
     assert "image_b64" not in queued
     return MediaEvent.model_validate(queued)
-
-
-def query(db_url: str, sql: str, params: tuple = ()) -> list[tuple]:
-    conn = psycopg2.connect(db_url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 def counts(db_url: str) -> dict[str, int]:

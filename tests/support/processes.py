@@ -26,6 +26,17 @@ def scalar(db_url: str, sql: str, params: tuple = ()) -> object:
         conn.close()
 
 
+def rows(db_url: str, sql: str, params: tuple | dict | None = None) -> list[tuple]:
+    """All rows of one statement in its own transaction ([] for a statement that returns none)."""
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -523,6 +523,14 @@ class Bench:
             except Exception as exc:  # keep cleaning up; say what was left behind
                 say(f"cleanup: could not stop/remove {what}: {exc}".strip())
 
+    def verdict(self) -> int:
+        """PASS (exit 0) or FAIL with what failed (exit 1), printed last."""
+        if self.failures:
+            say("\nFAIL: " + "; ".join(self.failures))
+            return EXIT_FAILURE
+        say("\nPASS")
+        return EXIT_OK
+
     # -- the pipeline ----------------------------------------------------------
 
     def start_pipeline(self) -> dict[str, EdgeProcess]:
@@ -882,8 +890,4 @@ def run_bench(settings: Settings, args: Any) -> int:
     finally:
         bench.teardown()
         signal.signal(signal.SIGTERM, previous)
-    if bench.failures:
-        say("\nFAIL: " + "; ".join(bench.failures))
-        return EXIT_FAILURE
-    say("\nPASS")
-    return EXIT_OK
+    return bench.verdict()

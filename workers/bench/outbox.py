@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from models.settings import Settings
-from workers.bench.ingest import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Bench, BenchError, CpuMeter,
+from workers.bench.ingest import (EXIT_FAILURE, EXIT_USAGE, Bench, BenchError, CpuMeter,
                                   RssSampler, _mb, _redact, say)
 from workers.dev.embedded import free_port
 from workers.dev.processes import NotReady, edge_command
@@ -262,8 +262,4 @@ def run_outbox_bench(settings: Settings, args: Any) -> int:
     finally:
         bench.teardown()
         signal.signal(signal.SIGTERM, previous)
-    if bench.failures:
-        say("\nFAIL: " + "; ".join(bench.failures))
-        return EXIT_FAILURE
-    say("\nPASS")
-    return EXIT_OK
+    return bench.verdict()
