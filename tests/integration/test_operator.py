@@ -24,6 +24,7 @@ from actors.broker import EdgeBroker, edge_middleware
 from actors.queue_dead_letters import PermanentError, retry_unless_permanent
 from models.ids import new_id
 from models.settings import load_settings
+from tests.support.processes import rows as sql
 from workers.cli import main
 
 QUEUE = "opsq"
@@ -52,16 +53,6 @@ def broker(db_url: str) -> Iterator[EdgeBroker]:
     b = EdgeBroker(url=db_url, middleware=edge_middleware(settings))
     yield b
     b.close()
-
-
-def sql(url: str, query: str, params: tuple | dict | None = None) -> list[tuple]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 def queue_row(url: str, message_id: str) -> tuple[str, str, dict[str, Any]] | None:
