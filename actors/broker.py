@@ -39,8 +39,10 @@ import time
 import uuid
 
 import dramatiq
+import orjson
 import psycopg2
 from dramatiq.errors import ConnectionError as DramatiqConnectionError
+from dramatiq.errors import DecodeError
 from dramatiq.message import Message
 from dramatiq.middleware import (AgeLimit, Callbacks, Pipelines, Prometheus, Retries,
                                  ShutdownNotifications, TimeLimit)
@@ -167,6 +169,20 @@ class EdgeBroker(dramatiq.Broker):
         self._local.conn = None
 
 
+class OrjsonEncoder(dramatiq.JSONEncoder):
+    """dramatiq's JSON encoding, by orjson: the bridge encodes a ~300 KB message
+    per micro-batch, several times faster than with the json module."""
+
+    def encode(self, data: dict) -> bytes:
+        return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+
+    def decode(self, data: bytes) -> dict:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError("failed to decode message", data, exc) from None
+
+
 def _body(message: Message):
     # The JSON encoder's text goes in as is (a string literal becomes jsonb on
     # insert): encoding once, not encode → decode → encode.
@@ -194,3 +210,4 @@ def build_broker(settings: Settings) -> EdgeBroker:
 
 broker = build_broker(get_settings())
 dramatiq.set_broker(broker)
+dramatiq.set_encoder(OrjsonEncoder())

@@ -7,7 +7,6 @@ message is redelivered); after it, the dedupe rows make a redelivery a no-op.
 
 from actors.broker import broker  # noqa: I001 - the broker is set before any actor
 
-import base64
 import io
 import logging
 from collections import Counter
@@ -26,9 +25,11 @@ from actors.database_outage import ride_out_database_outage
 from actors.faults import crash_point
 from actors.metrics import INGRESS_ACCEPTED, INGRESS_DUPLICATES, INGRESS_REJECTED
 from models.ingress_dead_letters import dead_letter_row
-from models.messages import INGRESS_EVENTS, MediaEvent, SessionEvent, TelemetryEvent
+from models.messages import MediaEvent, SessionEvent, TelemetryEvent
 from models.outbox_events import outbox_row
-from models.ids import new_id
+from models.ids import new_id_texts
+from models.queue_events import QueuedTelemetry, received_bytes
+from models.queue_events import decode as decode_queue_events
 from models.session_rules import SessionState, apply_session_event, session_event_type
 from models.settings import get_settings
 from models.tables import (ingress_dead_letters, sync_outbox, telemetry_agg_pending, telemetry_raw,
@@ -63,6 +64,10 @@ PENDING_COLUMNS = ("tenant_id", "farm_id", "barn_id", "device_id", "metric_type"
                    "count", "sum_value", "min_value", "max_value")
 
 
+class CopyDataError(ValueError):
+    """A value would break COPY's text format (never for validated events)."""
+
+
 @dataclass
 class IngestResult:
     accepted: dict[str, int]
@@ -74,7 +79,7 @@ class IngestResult:
 @ride_out_database_outage
 def ingest_batch(events: list[dict[str, Any]]) -> None:
     try:
-        parsed = INGRESS_EVENTS.validate_python(events)
+        parsed = decode_queue_events(events)
     except ValidationError as exc:
         raise PermanentError(f"batch fails validation ({exc.error_count()} errors)") from None
     settings = get_settings()
@@ -101,7 +106,7 @@ def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> 
             result = ingest_events(conn, events, sync_telemetry=sync_telemetry)
             crash_point("ingest.before_commit")
         return result
-    except DB_ERRORS as exc:
+    except (*DB_ERRORS, CopyDataError) as exc:
         if is_connection_error(exc):
             raise
         if len(events) > 1:
@@ -112,9 +117,10 @@ def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> 
                 (first.accepted, first.duplicates, first.rejected),
                 (second.accepted, second.duplicates, second.rejected))))
         (e,) = events
+        payload, size = received_bytes(e)
         with transaction(database_url) as conn:
             conn.execute(insert(ingress_dead_letters), dead_letter_row(
-                _topic(e), _received_bytes(e), "processing_failed", db_error_class(exc)))
+                _topic(e), payload, "processing_failed", db_error_class(exc), size_bytes=size))
         log.warning("event=ingest_event_failed event_id=%s kind=%s error=%r", e.event_id, e.kind,
                     db_error_class(exc))
         return IngestResult(Counter(), Counter(), Counter({"processing_failed": 1}))
@@ -122,6 +128,7 @@ def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> 
 
 def ingest_events(conn: Connection, events: list, *, sync_telemetry: str) -> IngestResult:
     """Dedupe `events` and apply the new ones; the caller owns the transaction."""
+    events = [QueuedTelemetry.of(e) if isinstance(e, TelemetryEvent) else e for e in events]
     first = {}
     for event in events:
         first.setdefault((event.tenant_id, str(event.event_id)), event)
@@ -135,59 +142,68 @@ def ingest_events(conn: Connection, events: list, *, sync_telemetry: str) -> Ing
     accepted = Counter(e.kind for e in fresh)
     result = IngestResult(accepted, Counter(e.kind for e in events) - accepted, Counter())
 
-    _apply_telemetry(conn, [e for e in fresh if isinstance(e, TelemetryEvent)], sync_telemetry)
+    _apply_telemetry(conn, [e for e in fresh if isinstance(e, QueuedTelemetry)], sync_telemetry)
     for reason in _apply_sessions(conn, [e for e in fresh if isinstance(e, SessionEvent)]):
         result.rejected[reason] += 1
     _hand_off_media(conn, [e for e in fresh if isinstance(e, MediaEvent)])
     return result
 
 
-def _apply_telemetry(conn: Connection, events: list[TelemetryEvent], sync_telemetry: str) -> None:
-    raw_rows, outbox_rows = [], []
-    # Partial aggregates per 1-minute bucket: the aggregate actor's work list.
+def _apply_telemetry(conn: Connection, events: list[QueuedTelemetry], sync_telemetry: str) -> None:
+    """Raw rows and 1-minute partial aggregates (the aggregate actor's work list) by COPY.
+
+    Values arrive normalized (models/queue_events.py), so rows are built as COPY
+    text directly: one line per reading, no datetime or UUID objects.
+    """
+    lines, outbox_rows = [], []
     partials: dict[tuple, list] = {}
+    ids = iter(new_id_texts(sum(len(e.readings) for e in events)))
     for e in events:
-        minute = e.occurred_at.replace(second=0, microsecond=0)
-        ids = (e.tenant_id, e.farm_id, e.barn_id, e.device_id)
-        occurred_at = e.occurred_at.isoformat()
-        for r in e.readings:
-            raw_rows.append((new_id(), *ids, occurred_at, r.metric_type, repr(float(r.metric_value)), r.unit))
-            p = partials.get(key := (e.tenant_id, e.farm_id, e.barn_id, e.device_id, r.metric_type, minute))
+        # occurred_at is ISO 8601 in UTC, so its first 16 characters name the minute.
+        minute = e.occurred_at[:16] + ":00+00:00"
+        source = f"{e.tenant_id}\t{e.farm_id}\t{e.barn_id}\t{e.device_id}"
+        prefix = f"\t{source}\t{e.occurred_at}\t"
+        for metric_type, value, unit in e.readings:
+            value = float(value)  # jsonb hands back a whole number (1e15) as an int
+            lines.append(f"{next(ids)}{prefix}{metric_type}\t{value!r}\t{unit}\n")
+            p = partials.get(key := (source, metric_type, minute))
             if p is None:
-                partials[key] = [1, r.metric_value, r.metric_value, r.metric_value]
+                partials[key] = [1, value, value, value]
             else:
                 p[0] += 1
-                p[1] += r.metric_value
-                p[2] = min(p[2], r.metric_value)
-                p[3] = max(p[3], r.metric_value)
+                p[1] += value
+                if value < p[2]:
+                    p[2] = value
+                if value > p[3]:
+                    p[3] = value
         if sync_telemetry in ("raw", "both"):
             outbox_rows.append(outbox_row(
                 "telemetry.ingested", tenant_id=e.tenant_id, farm_id=e.farm_id, barn_id=e.barn_id,
                 device_id=e.device_id, occurred_at=e.occurred_at, trace_id=e.trace_id,
-                payload={"source_event_id": str(e.event_id),
-                         "readings": [r.model_dump(mode="json") for r in e.readings]}))
-    if raw_rows:
-        _copy(conn, telemetry_raw.name, RAW_COLUMNS, raw_rows)
-        _copy(conn, telemetry_agg_pending.name, PENDING_COLUMNS, [
-            (t, f, b, d, m, minute.isoformat(), n, repr(float(s)), repr(float(lo)), repr(float(hi)))
-            for (t, f, b, d, m, minute), (n, s, lo, hi) in partials.items()])
+                payload={"source_event_id": e.event_id,
+                         "readings": [{"metric_type": t, "metric_value": v, "unit": u} for t, v, u in e.readings]}))
+    if lines:
+        _copy_text(conn, telemetry_raw.name, RAW_COLUMNS, "".join(lines), len(lines))
+        pending = [f"{source}\t{metric_type}\t{minute}\t{n}\t{total!r}\t{lo!r}\t{hi!r}\n"
+                   for (source, metric_type, minute), (n, total, lo, hi) in partials.items()]
+        _copy_text(conn, telemetry_agg_pending.name, PENDING_COLUMNS, "".join(pending), len(pending))
     if outbox_rows:
         conn.execute(insert(sync_outbox), outbox_rows)
 
 
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy(conn: Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
-    """COPY `rows` (values already text, or str()-able) into `table`, in the caller's transaction."""
-    data = "".join("\t".join(map(str, row)) + "\n" for row in rows)
+def _copy_text(conn: Connection, table: str, columns: tuple[str, ...], data: str, n_rows: int) -> None:
+    """COPY `data` (COPY text format, `n_rows` lines) into `table`, in the caller's transaction."""
     # Validated ids and metric tokens never hold a tab, newline or backslash;
-    # check that in one pass and escape field by field only if one does.
-    if (data.count("\t") != len(rows) * (len(columns) - 1) or data.count("\n") != len(rows)
-            or "\\" in data or "\r" in data):
-        data = "".join("\t".join(str(v).translate(_COPY_ESCAPES) for v in row) + "\n" for row in rows)
+    # a line that does would shift columns: refuse it (the batch is bisected).
+    if not _plain(data, n_rows, len(columns)):
+        raise CopyDataError(f"COPY data for {table} has an unescaped tab, newline or backslash")
     with raw_cursor(conn) as cursor:
         cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", io.StringIO(data))
+
+
+def _plain(data: str, n_rows: int, n_columns: int) -> bool:
+    return (data.count("\t") == n_rows * (n_columns - 1) and data.count("\n") == n_rows
+            and "\\" not in data and "\r" not in data)
 
 
 def _apply_sessions(conn: Connection, events: list[SessionEvent]) -> list[str]:
@@ -196,9 +212,10 @@ def _apply_sessions(conn: Connection, events: list[SessionEvent]) -> list[str]:
     for e in sorted(events, key=lambda e: (str(e.session_id), e.occurred_at)):
         applied = _apply_session_event(conn, e)
         if applied is None:
+            payload, size = received_bytes(e)
             conn.execute(insert(ingress_dead_letters), dead_letter_row(
-                _topic(e), _received_bytes(e), "session_conflict",
-                "session_id belongs to another tenant/farm/barn/device"))
+                _topic(e), payload, "session_conflict",
+                "session_id belongs to another tenant/farm/barn/device", size_bytes=size))
             rejected.append("session_conflict")
             continue
         new = applied.state
@@ -262,8 +279,8 @@ def _hand_off_media(conn: Connection, events: list[MediaEvent]) -> None:
             if e.staged is None:
                 raise PermanentError("media event without a staging reference")
             broker.enqueue_in(cursor, Message(queue_name=MEDIA_QUEUE, actor_name=MEDIA_ACTOR, args=(),
-                                              kwargs={"event": e.model_dump(mode="json",
-                                                                            exclude={"image_b64"})},
+                                              kwargs={"event": e.model_dump(mode="json", exclude={
+                                                  "image_b64", "raw_b64", "raw_size_bytes"})},
                                               options={}))
 
 
@@ -285,13 +302,6 @@ def _state_of(row: Any) -> SessionState:
     return SessionState(status=row.status, start_at=row.start_at, end_at=row.end_at,
                         initial_weight_kg=row.initial_weight_kg, final_weight_kg=row.final_weight_kg,
                         batch_id=row.batch_id, ended_by=ended_by)
-
-
-def _received_bytes(e: Any) -> bytes:
-    """The payload as the device sent it: sessions carry it (raw_b64); other kinds,
-    and sessions queued before raw_b64 existed, only have the normalized event."""
-    raw_b64 = getattr(e, "raw_b64", None)
-    return base64.b64decode(raw_b64) if raw_b64 else e.model_dump_json().encode()
 
 
 def _topic(e: Any) -> str:

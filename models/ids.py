@@ -37,6 +37,23 @@ def new_id() -> UUID:
     return UUID(int=value)
 
 
+def new_id_texts(n: int) -> list[str]:
+    """`n` UUIDv7s as canonical text, for bulk COPY (the ingest hot path).
+
+    Same layout as `new_id`, one clock reading and one read of the OS random
+    source for the whole batch: per id, `secrets.randbits` is a system call.
+    """
+    ns = time.time_ns()
+    ms, sub_ms = divmod(ns, 1_000_000)
+    head = (ms << 80) | (0x7 << 76) | ((sub_ms * 4096 // 1_000_000) << 64) | (0b10 << 62)
+    noise = secrets.token_bytes(8 * n)
+    texts = []
+    for i in range(n):
+        h = f"{head | int.from_bytes(noise[8 * i:8 * i + 8]) >> 2:032x}"
+        texts.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return texts
+
+
 def media_id_for(event_id: UUID) -> UUID:
     """The media id of a frame sent without one.
 

@@ -16,6 +16,7 @@ Pure: no I/O.
 
 import base64
 import binascii
+import functools
 import io
 import re
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ class TopicIds:
 _TOPIC_ID_NAMES = ("tenant_id", "farm_id", "barn_id", "device_id")
 
 
+@functools.lru_cache(maxsize=4096)  # a farm's devices publish to the same few hundred topics
 def parse_topic(topic: str) -> TopicIds:
     """`farmiq/v1/{tenant_id}/{farm_id}/{barn_id}/{device_id}/{kind}`."""
     parts = topic.split("/")
@@ -288,6 +290,11 @@ class _Event(_Envelope):
     farm_id: Id
     barn_id: Id
     device_id: Id
+    # The payload as received (first 64 KiB, base64) and its full length, added
+    # by the bridge to the queue form (models/queue_events.py): the ingest actor
+    # dead-letters with these exact bytes (SPEC §1.5). A device cannot set them.
+    raw_b64: str | None = None
+    raw_size_bytes: int | None = None
 
 
 class TelemetryEvent(_Event):
@@ -301,9 +308,6 @@ class SessionEvent(_Event):
     action: SessionAction
     batch_id: Id | None = None
     weight_kg: WeightKg | None = None
-    # The payload as received, base64: the ingest actor dead-letters a
-    # session_conflict with these exact bytes (SPEC §1.5). Sessions are small.
-    raw_b64: str | None = None
 
 
 class StagedImage(BaseModel):
@@ -444,7 +448,4 @@ def parse_message(
         validated = model.model_validate_json(payload, context=context)
     except ValidationError as exc:
         raise _rejection(exc) from None
-    event: IngressEvent = build(ids, validated)
-    if ids.kind == "session":
-        event = event.model_copy(update={"raw_b64": base64.b64encode(payload).decode("ascii")})
-    return event
+    return build(ids, validated)

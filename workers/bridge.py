@@ -65,7 +65,9 @@ from actors.faults import crash_point
 from actors.media_volume import Spool, VolumeFull
 from actors.metrics import BRIDGE_BATCH_SECONDS, BRIDGE_BATCHES, INGRESS_REJECTED
 from models.ingress_dead_letters import dead_letter_row
-from models.messages import Rejected, parse_message
+from models.messages import MediaEvent, Rejected, parse_message
+from models.queue_events import queue_form
+from workers.mqtt_socket import BufferedClient
 from models.settings import Settings
 from models.tables import ingress_dead_letters
 from schema.db import DB_ERRORS, db_error_class, raw_cursor, transaction
@@ -118,7 +120,7 @@ class Bridge:
     def _make_client(self) -> mqtt.Client:
         s = self.settings
         v5 = s.mqtt_protocol == "5"
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.mqtt_client_id,
+        client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=s.mqtt_client_id,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
                              clean_session=None if v5 else False)
         client.manual_ack_set(True)  # PUBACK only when we say so: after the commit
@@ -361,7 +363,9 @@ def commit_batch(settings: Settings, deliveries: list[Delivery]) -> list[Deliver
             reasons.append(rejected.reason)
             continue
         try:
-            events.append(spool.event_json(event))  # a frame's bytes go to disk, not the queue
+            # A frame's bytes go to disk, not the queue; every event carries the payload as received.
+            dumped = spool.event_json(event) if isinstance(event, MediaEvent) else None
+            events.append(queue_form(event, d.payload, dumped))
         except VolumeFull:
             held.append(d)
     spool.sync()  # staged frames durable before the commit

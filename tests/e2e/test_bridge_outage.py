@@ -23,13 +23,11 @@ import psutil
 from models.settings import Settings
 from tests.e2e.conftest import Pipeline
 from tests.support.corpus import media_payload, telemetry_payload, topic
-from tests.support.processes import scalar, wait_until
+from tests.support.processes import QUEUED_EVENT_IDS, scalar, wait_until
 from tests.support.publisher import PacedPublisher, publish_all
 
 OUTAGE_SECONDS = float(os.environ.get("EDGE_TEST_DB_OUTAGE_SECONDS", "15"))
 RATE = 200  # messages/s, before, during and after the outage
-QUEUED_EVENT_IDS = ("SELECT count(DISTINCT e->>'event_id') FROM dramatiq.queue q, "
-                    "jsonb_array_elements(q.message->'args'->0) e WHERE q.queue_name = 'ingest'")
 QUEUED_EVENTS = ("SELECT coalesce(sum(jsonb_array_length(message->'args'->0)), 0) "
                  "FROM dramatiq.queue WHERE queue_name = 'ingest'")
 

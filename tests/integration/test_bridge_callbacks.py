@@ -22,11 +22,9 @@ import workers.bridge as bridge_module
 from models.settings import load_settings
 from tests.support.corpus import telemetry_payload, topic
 from tests.support.fake_broker import FakeBroker
-from tests.support.processes import scalar, wait_until
+from tests.support.processes import QUEUED_EVENT_IDS, scalar, wait_until
 from workers.bridge import Bridge
 
-QUEUED_EVENT_IDS = ("SELECT count(DISTINCT e->>'event_id') FROM dramatiq.queue q, "
-                    "jsonb_array_elements(q.message->'args'->0) e WHERE q.queue_name = 'ingest'")
 
 
 def telemetry(value: float) -> bytes:

@@ -91,3 +91,27 @@ def test_ingest_isolates_the_event_that_fails(db_url: str) -> None:
     assert query(db_url, "SELECT detail FROM ingress_dead_letters")[0]["detail"] == "RaiseException P0001"
     # The failed event took no dedupe key: a redelivery (after a fix) can still apply it.
     assert query(db_url, "SELECT count(*) AS n FROM ingress_dedupe")[0]["n"] == 39
+
+
+def test_processing_failed_keeps_the_bytes_the_device_sent(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the bridge's queue form: the actor isolates the event that fails and
+    dead-letters the payload as received, not a re-encoding of the event."""
+    settings = load_settings(database_url=db_url)
+    monkeypatch.setattr(actors.ingest, "get_settings", lambda: settings)
+    with transaction(db_url) as conn:
+        conn.exec_driver_sql(REFUSE_DEVICE)
+    at = datetime.now(timezone.utc) - timedelta(minutes=1)
+    good = [(corpus.topic("telemetry", device_id=f"dev-{i}"),
+             corpus.telemetry_payload(uuid.uuid4(), at, [("t", float(i), "C")])) for i in range(20)]
+    # Valid, with spacing, key order, an integer value and an offset the bridge must not normalize.
+    theirs = (b'{ "readings": [ {"unit":"C", "metric_value": 7, "metric_type":"t"} ],\n'
+              b'  "occurred_at": "%s", "event_id": "%s" }' % (
+                  at.astimezone(timezone(timedelta(hours=7))).isoformat().encode(), str(uuid.uuid4()).encode()))
+    received = good[:10] + [(corpus.topic("telemetry", device_id="poison"), theirs)] + good[10:]
+    commit_batch(settings, [Delivery(i, t.encode(), p, 1) for i, (t, p) in enumerate(received)])
+    for (body,) in query_bodies(db_url):
+        ingest_batch.fn(*body["args"])
+    [letter] = letters(db_url)
+    assert letter["reason"] == "processing_failed" and letter["topic"].endswith("/poison/telemetry")
+    assert letter["payload"] == theirs and letter["payload_size_bytes"] == len(theirs)
+    assert query(db_url, "SELECT count(*) AS n FROM telemetry_raw")[0]["n"] == 20

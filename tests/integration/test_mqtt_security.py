@@ -21,13 +21,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from models.settings import load_settings
 from tests.support.corpus import telemetry_payload, topic
-from tests.support.processes import scalar, wait_until
+from tests.support.processes import QUEUED_EVENT_IDS, scalar, wait_until
 from workers.bridge import Bridge
 from workers.dev.embedded import start_mosquitto
 
 USER, PASSWORD = "farmiq-bridge", "s3cret:with@odd/chars"
-QUEUED_EVENT_IDS = ("SELECT count(DISTINCT e->>'event_id') FROM dramatiq.queue q, "
-                    "jsonb_array_elements(q.message->'args'->0) e WHERE q.queue_name = 'ingest'")
 
 
 def _run(*argv: str, cwd: Path) -> None:

@@ -1,0 +1,110 @@
+"""The queue form of ingress events: validated once, at the bridge.
+
+The bridge validates every MQTT message (models/messages.py) and enqueues
+the valid ones in one `ingest` message; the ingest actor trusts them and does
+not validate again. Telemetry, the hot path, travels as a compact row of
+already normalized values (UTC timestamp, canonical event id, float values):
+
+    ["telemetry", tenant_id, farm_id, barn_id, device_id, event_id,
+     occurred_at, trace_id, [[metric_type, metric_value, unit], ...],
+     raw_b64, raw_size_bytes]
+
+Sessions and frames (rare) travel as their event's JSON object and are
+validated again by the actor (cheap at their rate, and the session state
+machine wants the typed model). A JSON object whose "kind" is telemetry
+(queued before compact rows existed) is still accepted.
+
+Every form carries the payload as received (`raw_b64`: the first 64 KiB,
+`raw_size_bytes`: the full length), so a dead letter the actor writes
+(session_conflict, processing_failed) keeps the device's bytes (SPEC §1.5).
+
+Pure: no I/O.
+"""
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+from models.ingress_dead_letters import MAX_DEAD_LETTER_PAYLOAD
+from models.messages import INGRESS_EVENTS, MediaEvent, SessionEvent, TelemetryEvent
+
+TELEMETRY = "telemetry"
+
+
+def raw_fields(payload: bytes) -> tuple[str, int]:
+    """(base64 of the first 64 KiB, full length): what a dead letter keeps."""
+    return base64.b64encode(payload[:MAX_DEAD_LETTER_PAYLOAD]).decode("ascii"), len(payload)
+
+
+def queue_form(event: Any, payload: bytes, dumped: dict | None = None) -> list | dict:
+    """What the bridge enqueues for `event`, parsed from `payload`.
+
+    `dumped` is the event's JSON object when the caller made it already
+    (a frame, whose bytes the bridge spooled instead).
+    """
+    raw_b64, raw_size = raw_fields(payload)
+    if isinstance(event, TelemetryEvent):
+        return [TELEMETRY, event.tenant_id, event.farm_id, event.barn_id, event.device_id,
+                str(event.event_id), event.occurred_at.isoformat(), event.trace_id,
+                [[r.metric_type, float(r.metric_value), r.unit] for r in event.readings],
+                raw_b64, raw_size]
+    form = dumped if dumped is not None else event.model_dump(mode="json")
+    form["raw_b64"], form["raw_size_bytes"] = raw_b64, raw_size
+    return form
+
+
+@dataclass(slots=True)
+class QueuedTelemetry:
+    """A telemetry event as the ingest actor applies it (values already normalized)."""
+
+    tenant_id: str
+    farm_id: str
+    barn_id: str
+    device_id: str
+    event_id: str  # canonical UUID text
+    occurred_at: str  # ISO 8601 in UTC (+00:00)
+    trace_id: str | None
+    readings: list  # [[metric_type, metric_value (float), unit], ...]
+    raw_b64: str | None = None
+    raw_size_bytes: int | None = None
+    kind: str = TELEMETRY
+
+    @classmethod
+    def of(cls, e: TelemetryEvent) -> "QueuedTelemetry":
+        raw_b64, raw_size = e.raw_b64, e.raw_size_bytes
+        if raw_b64 is None:  # queued by an older bridge: its normalized JSON is all there is
+            raw_b64, raw_size = raw_fields(_normalized_json(e))
+        return cls(e.tenant_id, e.farm_id, e.barn_id, e.device_id, str(e.event_id), e.occurred_at.isoformat(),
+                   e.trace_id, [[r.metric_type, float(r.metric_value), r.unit] for r in e.readings],
+                   raw_b64, raw_size)
+
+
+Queued = QueuedTelemetry | SessionEvent | MediaEvent
+
+
+def decode(items: list) -> list[Queued]:
+    """The events of an `ingest` message, in order; pydantic's ValidationError if
+    an event object is invalid (a compact row is trusted: the bridge made it)."""
+    objects = [item for item in items if isinstance(item, dict)]
+    validated = iter(INGRESS_EVENTS.validate_python(objects)) if objects else iter(())
+    events: list[Queued] = []
+    for item in items:
+        if isinstance(item, dict):
+            event = next(validated)
+            events.append(QueuedTelemetry.of(event) if isinstance(event, TelemetryEvent) else event)
+        else:
+            events.append(QueuedTelemetry(*item[1:]))
+    return events
+
+
+def received_bytes(e: Queued) -> tuple[bytes, int]:
+    """The payload as the device sent it (first 64 KiB) and its full length."""
+    if e.raw_b64 is None:  # queued by an older bridge: its normalized JSON is all there is
+        payload = _normalized_json(e)
+        return payload, len(payload)
+    payload = base64.b64decode(e.raw_b64)
+    return payload, e.raw_size_bytes if e.raw_size_bytes is not None else len(payload)
+
+
+def _normalized_json(e: Any) -> bytes:
+    return e.model_dump_json(exclude={"raw_b64", "raw_size_bytes"}).encode()
