@@ -657,7 +657,8 @@ class Bench:
             # (and, with Prometheus, one serves /metrics: it shows up idle).
             workers = [p.pid for p in psutil.Process(procs["ingest worker"].pid).children()]
             targets = {"bridge": procs["bridge"].pid}
-            targets.update({f"ingest worker {n + 1}": pid for n, pid in enumerate(workers)})
+            targets.update({"ingest worker" + (f" {n + 1}" if len(workers) > 1 else ""): pid
+                            for n, pid in enumerate(workers)})
             self.profiler.start(targets, min(PROFILE_SECONDS, left))
             say(f"  profiling {', '.join(f'{k} [{v}]' for k, v in targets.items())} "
                 f"for {self.profiler.seconds} s (py-spy, {profile.RATE}/s)")

@@ -22,6 +22,11 @@ from pathlib import Path
 RATE = 200  # samples per second
 INSTALL_HINT = "py-spy is not installed: .venv/bin/pip install -e '.[bench]'  (or: pip install py-spy)"
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>.*?)(?::\d+)?\)$")
+# At the bottom of every thread's or the main module's stack: they would fill
+# the top of the inclusive table and say nothing.
+PLUMBING = {"Thread._bootstrap (threading.py)", "Thread._bootstrap_inner (threading.py)",
+            "Thread.run (threading.py)", "_run_module_as_main (<frozen runpy>)",
+            "_run_code (<frozen runpy>)"}
 
 
 def find_py_spy() -> str | None:
@@ -57,7 +62,8 @@ def summarize(raw: str, top: int = 15, leaves: int = 10) -> Summary:
         total += n
         leaf[frames[-1]] += n
         for f in dict.fromkeys(frames):  # once per sample, however deep the recursion; outermost first
-            inclusive[f] += n
+            if f not in PLUMBING:
+                inclusive[f] += n
     return Summary(total, inclusive.most_common(top), leaf.most_common(leaves))
 
 
