@@ -899,8 +899,10 @@ class Bench:
         say(f"== reference (b), bare MQTT with C clients: {a.c_publishers} × `mosquitto_pub -l -q 1` → "
             f"`mosquitto_sub -q 1`, the pipeline's {total:,} messages, no database")
         host = ["-h", "127.0.0.1", "-p", str(self.broker.port)]
-        session = ["-c", "-i", f"farmiq-bench-c-{os.getpid()}", "-q", "1", "-t", "farmiq/#"]
-        subprocess.run([sub_bin, *host, *session, "-E"], check=True, timeout=30)  # subscribe, exit
+        client_id = f"farmiq-bench-c-{os.getpid()}"
+        session = ["-c", "-i", client_id, "-q", "1", "-t", "farmiq/#"]
+        if subprocess.run([sub_bin, *host, *session, "-E"], timeout=30).returncode:  # subscribe, exit
+            raise BenchError("mosquitto_sub could not create the bare reference's session")
         stdins = []
         for p in range(a.c_publishers):
             path = self.tmp / f"c-publisher-{p}.txt"
@@ -908,8 +910,9 @@ class Bench:
             stdins.append(path)
         received = self.tmp / "c-subscriber.txt"
         with open(received, "wb") as out:
-            sub = subprocess.Popen([sub_bin, *host, *session, "-C", str(total), "-W", str(int(BARE_TIMEOUT_SECONDS)),
-                                    "-F", "%U"], stdout=out, stderr=subprocess.STDOUT)
+            sub = subprocess.Popen([sub_bin, *host, *session, "-C", str(total),
+                                    "-W", str(int(BARE_TIMEOUT_SECONDS)), "-F", "%U"],
+                                   stdout=out, stderr=subprocess.STDOUT)
         pubs: list[subprocess.Popen[bytes]] = []
         try:
             t_first = time.time()
@@ -926,7 +929,7 @@ class Bench:
                     proc.kill()
                     proc.wait()
             # A clean session in place of the persistent one: the broker stops queueing for it.
-            subprocess.run([sub_bin, *host, "-i", session[2], "-t", "farmiq/#", "-E"], timeout=30)
+            subprocess.run([sub_bin, *host, "-i", client_id, "-t", "farmiq/#", "-E"], timeout=30)
         stamps = [float(line) for line in received.read_text().split() if line.replace(".", "").isdigit()]
         result = BareC(len(stamps), t_first, stamps[-1] if stamps else t_first)
         say(f"  received {result.received:,}/{total:,} in {result.elapsed:.2f}s "
