@@ -5,7 +5,9 @@ never pauses the process, so the pipeline runs unmodified (py-spy's own CPU
 shows up as "other" in the CPU table, and slows a 2-core box a little). Only
 threads that are not idle are sampled, so the shares are of busy time. A
 frame is `function (file)`: line numbers are dropped, so a function's samples
-are not split by the line it was on.
+are not split by the line it was on. Time inside a C extension (psycopg2,
+pydantic-core) counts to the Python frame that called it (no --native: it
+would need to stop the process).
 """
 
 from __future__ import annotations
