@@ -260,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rate", type=int, default=0, help="offered msg/s (default 0: as fast as possible)")
     a.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     a.add_argument("--skip-references", action="store_true", help="skip the naive and bare-MQTT runs")
+    a.add_argument("--c-publishers", type=int, default=8,
+                   help="mosquitto_pub processes of the bare C MQTT reference (default 8)")
+    a.add_argument("--profile", action="store_true",
+                   help="py-spy the bridge and ingest worker processes mid-drain; print their top frames "
+                        "(needs the bench extra: pip install -e '.[bench]')")
     a = bench.add_parser("outbox", help="outbox backlog drained to the reference cloud sink; catch-up delay",
                          description="a backlog of pending outbox events drained to the reference cloud "
                                      "sink (events/s, time to empty, forwarder RSS), then the delay from "

@@ -23,10 +23,15 @@ Figures, all printed:
 - correctness: exact row counts, aggregates equal to GROUP BY over the raw
   rows; FAIL (exit 1) on any mismatch;
 - references: (a) the naive pipeline (workers/bench/naive.py), bounded to
-  NAIVE_MAX_MESSAGES / NAIVE_MAX_SECONDS, (b) bare MQTT (publisher → paho QoS 1
-  subscriber, no database); and the ratios.
+  NAIVE_MAX_MESSAGES / NAIVE_MAX_SECONDS, (b) bare MQTT with Mosquitto's C
+  clients (`mosquitto_pub -l` processes → `mosquitto_sub`, the pipeline's
+  messages, no database; the headline ratio), (c) bare MQTT with our
+  publishers → a paho QoS 1 subscriber; and the ratios.
 - CPU seconds per component during the run, to show where the machine's time
-  went (the bottleneck).
+  went (the bottleneck), and CPU µs per MQTT message per component with the
+  rate the machine's cores could carry at that cost.
+- with --profile, py-spy on the bridge and the ingest worker processes for a
+  few seconds mid-drain (workers/bench/profile.py): top frames per process.
 
 Ctrl-C or SIGTERM stops every process it started and removes what it made.
 """
@@ -39,6 +44,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -66,6 +72,8 @@ SETTLE_TIMEOUT_SECONDS = 120.0
 NAIVE_MAX_MESSAGES = 10_000
 NAIVE_MAX_SECONDS = 60.0
 BARE_TIMEOUT_SECONDS = 120.0
+PROFILE_FROM = 0.10            # --profile starts once this share of the events is committed
+PROFILE_SECONDS = 5.0
 WINDOW_UNITS = {"1m": "minute", "1h": "hour", "1d": "day"}
 from workers.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
@@ -179,6 +187,34 @@ class CpuMeter:
             out.append(f"    {name:<28} {seconds:6.1f} core-s  ({seconds / self.wall:4.0%} of one core)")
         out.append(f"    {'other (kernel, other users)':<28} {max(0.0, self.busy - accounted):6.1f} core-s")
         return out
+
+    def per_message(self, messages: float) -> tuple[list[tuple[str, float]], float]:
+        """CPU µs per MQTT message of each pipeline component, largest first, and their total.
+
+        The load generator (publishers) and the benchmark's monitor are not
+        the pipeline and are left out; PostgreSQL's processes count as one.
+        """
+        us: dict[str, float] = {}
+        for name, seconds in self.used.items():
+            short = name.split(" (")[0]
+            if short not in NOT_PIPELINE:
+                us[short] = us.get(short, 0.0) + seconds * 1e6 / max(1.0, messages)
+        parts = sorted(us.items(), key=lambda kv: -kv[1])
+        return parts, sum(us.values())
+
+    def per_message_line(self, messages: float) -> str:
+        parts, total = self.per_message(messages)
+        cores = psutil.cpu_count() or 1
+        return ("CPU per message: " + ", ".join(f"{name} {us:,.0f} µs" for name, us in parts if us >= 0.5)
+                + f"; total {total:,.0f} µs ({cores} cores → ceiling ≈ {ceiling(total, cores):,.0f} msg/s)")
+
+
+NOT_PIPELINE = ("publishers", "bench")
+
+
+def ceiling(us_per_message: float, cores: int) -> float:
+    """Messages/s the machine could carry if the pipeline had every core to itself."""
+    return cores * 1e6 / us_per_message if us_per_message > 0 else float("inf")
 
 
 def _busy(t: Any) -> float:
@@ -425,9 +461,14 @@ class Phase:
         return self.committed / self.elapsed
 
     @property
-    def mqtt_per_second(self) -> float:
+    def mqtt_messages(self) -> float:
+        """MQTT messages (duplicates included) behind the committed events."""
         assert self.published is not None
-        return self.published.total * (self.committed / self.expected) / self.elapsed
+        return self.published.total * self.committed / self.expected
+
+    @property
+    def mqtt_per_second(self) -> float:
+        return self.mqtt_messages / self.elapsed
 
 
 class Bench:
@@ -446,6 +487,8 @@ class Bench:
         self.env: dict[str, str] = {}
         self.failures: list[str] = []
         self.aggregation: list[EdgeProcess] = []
+        self.profiler: Any = None         # workers.bench.profile.Profiler with --profile
+        self.profile_lines: list[str] = []
 
     # -- setup and teardown --------------------------------------------------
 
@@ -569,11 +612,14 @@ class Bench:
         groups["mosquitto" if self.protocol == "5" else "amqtt"] = [self.broker.pid]
         groups["publishers"] = pubs.pids()
         cpu = CpuMeter(groups, alone={"bench (monitor)": os.getpid()}, pg_processes=self.pg_processes)
+        profile_window = self.profile_window(procs, a.messages) if a.profile else None
         sampler.start()
         cpu.start()
         pubs.go()
-        phase = self.drain(pubs, a.messages, queue="ingest", show_rss=sampler)
+        phase = self.drain(pubs, a.messages, queue="ingest", show_rss=sampler, on_progress=profile_window)
         cpu.stop()
+        if self.profiler is not None and self.profiler.started:
+            self.profile_lines = self.profiler.finish()
         pubs.stop()
         if phase.complete:
             self.settle_aggregation(phase)
@@ -586,8 +632,41 @@ class Bench:
         clear_session(self.broker.url, self.bridge_client_id, self.protocol)
         return phase, sampler, cpu
 
+    def profile_window(self, procs: dict[str, EdgeProcess],
+                       expected: int) -> Callable[[int, float], None] | None:
+        """A drain callback: py-spy on the bridge and the ingest worker's processes, mid-drain.
+
+        It starts once PROFILE_FROM of the events are committed (past the
+        start-up transient) and lasts PROFILE_SECONDS, or what the drain
+        looks to have left.
+        """
+        from workers.bench import profile
+
+        py_spy = profile.find_py_spy()
+        if py_spy is None:
+            say(f"  --profile: {profile.INSTALL_HINT}; running without it")
+            return None
+        self.profiler = profile.Profiler(py_spy, self.tmp)
+        self.services.append(self.profiler)
+
+        def maybe_start(committed: int, elapsed: float) -> None:
+            if self.profiler is None or self.profiler.started or committed < expected * PROFILE_FROM:
+                return
+            left = elapsed * (expected - committed) / max(1, committed)
+            # dramatiq's parent only supervises: its forked children run the actors
+            # (and, with Prometheus, one serves /metrics: it shows up idle).
+            workers = [p.pid for p in psutil.Process(procs["ingest worker"].pid).children()]
+            targets = {"bridge": procs["bridge"].pid}
+            targets.update({"ingest worker" + (f" {n + 1}" if len(workers) > 1 else ""): pid
+                            for n, pid in enumerate(workers)})
+            self.profiler.start(targets, min(PROFILE_SECONDS, left))
+            say(f"  profiling {', '.join(f'{k} [{v}]' for k, v in targets.items())} "
+                f"for {self.profiler.seconds} s (py-spy, {profile.RATE}/s)")
+        return maybe_start
+
     def drain(self, pubs: Publishers, expected: int, *, queue: str, show_rss: RssSampler | None = None,
-              max_seconds: float | None = None) -> Phase:
+              max_seconds: float | None = None,
+              on_progress: Callable[[int, float], None] | None = None) -> Phase:
         """Watch until `expected` events are committed (or the time is up / it stalls)."""
         assert self.db is not None
         phase = Phase(expected)
@@ -617,6 +696,8 @@ class Bench:
                     f"  agg pending {pending:>6,} rows (oldest {float(pending_age):4.1f}s){rss}")
             if done:
                 break
+            if on_progress is not None:
+                on_progress(committed, now - started)
             if pubs.finished() and now - last_change > STALL_SECONDS:
                 self.failures.append(f"{queue}: stalled at {committed:,}/{expected:,} committed events")
                 break
@@ -767,7 +848,7 @@ class Bench:
         plan = bench_mqtt.Plan(a.messages, a.devices, a.duplicates, a.publishers, seed=3)
         total = plan.total_published()
         say("")
-        say(f"== reference (b), bare MQTT: the same publishers → one paho subscriber (QoS 1, no database), "
+        say(f"== reference (c), bare MQTT: the same publishers → one paho subscriber (QoS 1, no database), "
             f"{total:,} messages")
         ctx = multiprocessing.get_context("spawn")
         ready, results = ctx.Event(), ctx.Queue()
@@ -795,6 +876,83 @@ class Bench:
             self.failures.append(f"bare MQTT: received {received:,} of {total:,}")
         return received, rate, published
 
+    def run_bare_c(self) -> BareC | None:
+        """Bare MQTT with Mosquitto's own C clients: the ceiling of MQTT alone on this machine.
+
+        `mosquitto_pub -l -q 1` processes, each with its share of the
+        pipeline's plan (same messages, same payload sizes) on stdin, one
+        payload a line, to one device topic per process (-l publishes every
+        line to one topic); one `mosquitto_sub -q 1` with a persistent session
+        made before the publishers start, so nothing published before it
+        connects is lost, exiting after exactly the expected count (-C).
+        """
+        a = self.args
+        pub_bin, sub_bin = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
+        say("")
+        if pub_bin is None or sub_bin is None or self.protocol != "5":
+            why = ("mosquitto_pub / mosquitto_sub are not installed (apt-get install mosquitto-clients)"
+                   if self.protocol == "5" else "the broker is not Mosquitto")
+            say(f"== reference (b), bare MQTT with C clients: skipped, {why}")
+            return None
+        plan = bench_mqtt.Plan(a.messages, a.devices, a.duplicates, a.c_publishers, seed=1)
+        total = plan.total_published()
+        say(f"== reference (b), bare MQTT with C clients: {a.c_publishers} × `mosquitto_pub -l -q 1` → "
+            f"`mosquitto_sub -q 1`, the pipeline's {total:,} messages, no database")
+        host = ["-h", "127.0.0.1", "-p", str(self.broker.port)]
+        client_id = f"farmiq-bench-c-{os.getpid()}"
+        session = ["-c", "-i", client_id, "-q", "1", "-t", "farmiq/#"]
+        if subprocess.run([sub_bin, *host, *session, "-E"], timeout=30).returncode:  # subscribe, exit
+            raise BenchError("mosquitto_sub could not create the bare reference's session")
+        stdins = []
+        for p in range(a.c_publishers):
+            path = self.tmp / f"c-publisher-{p}.txt"
+            path.write_bytes(bench_mqtt.payload_lines(plan, p))
+            stdins.append(path)
+        received = self.tmp / "c-subscriber.txt"
+        with open(received, "wb") as out:
+            sub = subprocess.Popen([sub_bin, *host, *session, "-C", str(total),
+                                    "-W", str(int(BARE_TIMEOUT_SECONDS)), "-F", "%U"],
+                                   stdout=out, stderr=subprocess.STDOUT)
+        pubs: list[subprocess.Popen[bytes]] = []
+        try:
+            t_first = time.time()
+            for p, path in enumerate(stdins):
+                with open(path, "rb") as stdin:
+                    pubs.append(subprocess.Popen([pub_bin, *host, "-q", "1", "-l",
+                                                  "-t", bench_mqtt.device_topic(p)], stdin=stdin))
+            sub.wait(BARE_TIMEOUT_SECONDS + 10)
+            for pub in pubs:
+                pub.wait(10)
+        finally:
+            for proc in (sub, *pubs):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            # A clean session in place of the persistent one: the broker stops queueing for it.
+            subprocess.run([sub_bin, *host, "-i", client_id, "-t", "farmiq/#", "-E"], timeout=30)
+        stamps = [float(line) for line in received.read_text().split() if line.replace(".", "").isdigit()]
+        result = BareC(len(stamps), t_first, stamps[-1] if stamps else t_first)
+        say(f"  received {result.received:,}/{total:,} in {result.elapsed:.2f}s "
+            "(first publisher started → last message received)")
+        if result.received != total:
+            self.failures.append(f"bare MQTT (C clients): received {result.received:,} of {total:,}")
+        return result
+
+
+@dataclass
+class BareC:
+    received: int
+    t_first: float  # the first publisher started (wall clock)
+    t_last: float   # the subscriber printed the last message (wall clock)
+
+    @property
+    def elapsed(self) -> float:
+        return max(1e-9, self.t_last - self.t_first)
+
+    @property
+    def rate(self) -> float:
+        return self.received / self.elapsed
+
 
 # --- report ------------------------------------------------------------------------
 
@@ -814,7 +972,7 @@ def _mb(n: int) -> str:
 
 
 def report(bench: Bench, phase: Phase, sampler: RssSampler, cpu: CpuMeter, naive: Phase | None,
-           bare: tuple[int, float, PublishResult] | None) -> None:
+           bare_c: BareC | None, bare: tuple[int, float, PublishResult] | None) -> None:
     pub = phase.published
     assert pub is not None
     a = bench.args
@@ -826,6 +984,7 @@ def report(bench: Bench, phase: Phase, sampler: RssSampler, cpu: CpuMeter, naive
     say(f"  sustained            {phase.events_per_second:,.0f} events/s  "
         f"({phase.committed:,} unique events, first publish → last commit {phase.elapsed:.2f}s; "
         f"{phase.mqtt_per_second:,.0f} MQTT msg/s incl. duplicates)")
+    say("  " + cpu.per_message_line(phase.mqtt_messages))
     lat = phase.latency
     say(f"  publish→commit       p50 {lat['p50'] * 1000:,.0f} ms   p99 {lat['p99'] * 1000:,.0f} ms   "
         f"max {lat['max'] * 1000:,.0f} ms" + (f"   (offered {a.rate:,} msg/s)" if a.rate else
@@ -845,12 +1004,18 @@ def report(bench: Bench, phase: Phase, sampler: RssSampler, cpu: CpuMeter, naive
             f"{naive.committed:,} events, "
             f"{naive.elapsed:.1f}s{note}; p50 {naive.latency['p50']:.1f}s p99 {naive.latency['p99']:.1f}s")
         say(f"      pipeline / naive = {phase.events_per_second / max(1e-9, naive.events_per_second):.1f}×")
+    if bare_c is not None:
+        say(f"  (b) bare MQTT, C     {bare_c.rate:,.0f} msg/s ({bare_c.received:,} messages, "
+            f"{a.c_publishers} mosquitto_pub → mosquitto_sub, QoS 1, no database)")
+        say(f"      pipeline / bare C MQTT = {phase.mqtt_per_second / bare_c.rate:.2f} "
+            "(MQTT messages/s, duplicates included)")
     if bare is not None:
         received, rate, _ = bare
-        say(f"  (b) bare MQTT        {rate:,.0f} msg/s ({received:,} messages, paho QoS 1 subscriber, "
-            "no database)")
-        say(f"      pipeline / bare MQTT = {phase.mqtt_per_second / max(1e-9, rate):.2f} "
-            "(MQTT messages/s, duplicates included)")
+        say(f"  (c) bare MQTT, paho  {rate:,.0f} msg/s ({received:,} messages, our publishers → "
+            "paho QoS 1 subscriber, no database)")
+        say(f"      pipeline / bare paho MQTT = {phase.mqtt_per_second / max(1e-9, rate):.2f}")
+    for line in bench.profile_lines:
+        say(line)
 
 
 def run_bench(settings: Settings, args: Any) -> int:
@@ -861,7 +1026,8 @@ def run_bench(settings: Settings, args: Any) -> int:
         (args.messages < 1, "--messages must be ≥ 1"), (args.devices < 1, "--devices must be ≥ 1"),
         (not 0 <= args.duplicates <= 1, "--duplicates must be within 0..1"),
         (args.rate < 0, "--rate must be ≥ 0"), (args.publishers < 1, "--publishers must be ≥ 1"),
-        (args.publishers > args.devices, "--publishers must not exceed --devices")) if bad]
+        (args.publishers > args.devices, "--publishers must not exceed --devices"),
+        (not 1 <= args.c_publishers <= args.devices, "--c-publishers must be within 1..--devices")) if bad]
     if problems:
         print("farmiq-edge bench ingest: " + "; ".join(problems), file=sys.stderr)
         return EXIT_USAGE
@@ -876,11 +1042,12 @@ def run_bench(settings: Settings, args: Any) -> int:
     try:
         bench.setup()
         phase, sampler, cpu = bench.run_pipeline()
-        naive = bare = None
+        naive = bare_c = bare = None
         if not args.skip_references:
             naive = bench.run_naive()
+            bare_c = bench.run_bare_c()
             bare = bench.run_bare()
-        report(bench, phase, sampler, cpu, naive, bare)
+        report(bench, phase, sampler, cpu, naive, bare_c, bare)
     except KeyboardInterrupt:
         say("\ninterrupted: stopping everything the benchmark started")
         return EXIT_FAILURE

@@ -92,23 +92,40 @@ class Plan:
         return self.messages + round(self.messages * self.duplicates)
 
 
-def encode_packets(plan: Plan, publisher: int) -> list[tuple[bytes, bytes]]:
-    """(prefix, suffix) of each PUBLISH packet; the time stamp goes between them."""
+def payloads(plan: Plan, publisher: int) -> list[tuple[int, bytes, bytes]]:
+    """(device, before, after) of each of `publisher`'s telemetry payloads, in order.
+
+    The time stamp goes between `before` and `after`; every stamp has the same
+    width, so a payload's size does not depend on when it is sent.
+    """
     rng = random.Random(plan.seed * 7919 + 1)
     ids = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(plan.messages)]
-    packets = []
-    for seq, i in enumerate(plan.order(publisher)):
-        device = i % plan.devices
+    out = []
+    for i in plan.order(publisher):
         temp = round(20 + (i * 37 % 1000) / 100, 2)
         hum = round(50 + (i * 53 % 2000) / 100, 2)
         before = b'{"event_id":"%s","occurred_at":"' % str(ids[i]).encode()
         after = (b'","readings":[{"metric_type":"temperature","metric_value":%r,"unit":"C"},'
                  b'{"metric_type":"humidity","metric_value":%r,"unit":"%%"}]}' % (temp, hum))
+        out.append((i % plan.devices, before, after))
+    return out
+
+
+def encode_packets(plan: Plan, publisher: int) -> list[tuple[bytes, bytes]]:
+    """(prefix, suffix) of each PUBLISH packet; the time stamp goes between them."""
+    packets = []
+    for seq, (device, before, after) in enumerate(payloads(plan, publisher)):
         topic = _utf8(device_topic(device))
         packet_id = struct.pack("!H", seq % 65535 + 1)
         remaining = len(topic) + 2 + len(before) + len(STAMP_PLACEHOLDER) + len(after)
         packets.append((b"\x32" + _varint(remaining) + topic + packet_id + before, after))
     return packets
+
+
+def payload_lines(plan: Plan, publisher: int) -> bytes:
+    """`publisher`'s payloads, one a line, stamped now: stdin for `mosquitto_pub -l`."""
+    now = stamp()
+    return b"".join(before + now + after + b"\n" for _, before, after in payloads(plan, publisher))
 
 
 def connect_packet(client_id: str) -> bytes:
