@@ -3,7 +3,7 @@
 The bridge is down (its persistent session exists and is on disk), devices
 publish QoS 1 and get their PUBACKs, then the broker is killed (-9) and
 restarted: what survives is what its last snapshot held. With
-deploy/mosquitto/mosquitto.conf (a snapshot every second, time-based) what is
+deploy/mosquitto/mosquitto.conf (`autosave_interval 1`: a snapshot every 2 s) what is
 lost is the last ~2 s of messages, at any rate; with the old
 `autosave_interval 30` every message since the last periodic snapshot is.
 """
