@@ -35,11 +35,14 @@ def publish_all(mqtt_url: str, messages: list[tuple[str, bytes]], timeout: float
 
 
 class PacedPublisher(threading.Thread):
-    """QoS 1 at `rate` messages/s; `acked` counts PUBACKs from the broker."""
+    """QoS 1 at `rate` messages/s; `acked_at` holds the time of each PUBACK, in publish
+    order (a broker PUBACKs one connection's QoS 1 messages in the order received)."""
 
     def __init__(self, mqtt_url: str, messages: list[tuple[str, bytes]], rate: float) -> None:
         super().__init__(daemon=True)
-        self.messages, self.rate, self.acked = messages, rate, 0
+        self.messages, self.rate = messages, rate
+        self.acked_at: list[float] = []
+        self._stopping = threading.Event()
         host, port = mqtt_url.removeprefix("mqtt://").split(":")
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
@@ -49,17 +52,29 @@ class PacedPublisher(threading.Thread):
         self.client.connect(host, int(port))
         self.client.loop_start()
 
+    @property
+    def acked(self) -> int:
+        return len(self.acked_at)
+
     def _on_publish(self, *_: object) -> None:
-        self.acked += 1
+        self.acked_at.append(time.monotonic())
 
     def run(self) -> None:
         started = time.monotonic()
         for i, (t, payload) in enumerate(self.messages):
-            time.sleep(max(0.0, started + i / self.rate - time.monotonic()))
+            if self._stopping.wait(max(0.0, started + i / self.rate - time.monotonic())):
+                return
             self.client.publish(t, payload, qos=1)
 
     def finish(self) -> None:
         self.join(300)
         wait_until(lambda: self.acked == len(self.messages), 60, "the broker to ack every publish")
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop publishing and disconnect, without waiting for acks (e.g. the broker was
+        killed: paho must not reconnect and resend to its successor)."""
+        self._stopping.set()
+        self.join(300)
         self.client.disconnect()
         self.client.loop_stop()

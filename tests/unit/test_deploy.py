@@ -18,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from workers.bench.mosquitto_durability import CONFIGS, DEPLOYED
 from workers.up import procfile_commands
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,3 +80,14 @@ def test_honcho_check_accepts_the_procfile():
     assert out.returncode == 0, out.stderr
     listed = re.search(r"Valid procfile detected \(([^)]*)\)", out.stderr + out.stdout).group(1)
     assert listed.split(", ") == list(procfile_commands())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_broker_snapshots_as_measured_for_the_deployed_row(overlay):
+    # README's guarantee row and persistence figures describe the durability
+    # bench's DEPLOYED settings: the broker's ConfigMap must have them.
+    config_map, = (doc for doc in render(overlay) if doc["kind"] == "ConfigMap"
+                   and doc["metadata"]["name"].startswith("mosquitto-config"))
+    options = dict(line.split(maxsplit=1) for line in config_map["data"]["mosquitto.conf"].splitlines()
+                   if line.strip() and not line.startswith("#"))
+    assert {key: options.get(key) for key in CONFIGS[DEPLOYED]} == CONFIGS[DEPLOYED]

@@ -11,7 +11,7 @@ prints: the rate achieved, the broker's CPU, bytes written to disk per second
     .venv/bin/python workers/bench/mosquitto_durability.py            # full run
     .venv/bin/python workers/bench/mosquitto_durability.py --quick    # a smoke run
 
-Private brokers on free ports (workers/embedded.start_mosquitto with
+Private brokers on free ports (workers/dev/embedded.start_mosquitto with
 deploy/mosquitto/mosquitto.conf and the settings under test), nothing else.
 """
 
@@ -35,7 +35,9 @@ from workers.dev.embedded import start_mosquitto
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
 TOPIC = "farmiq/v1/t/f/b/d/telemetry"
 
-# name -> settings over deploy/mosquitto/mosquitto.conf
+# name -> settings over deploy/mosquitto/mosquitto.conf; the file itself has
+# DEPLOYED's (tests/unit/test_deploy.py checks).
+DEPLOYED = "interval 1 s"
 CONFIGS: dict[str, dict[str, str | None]] = {
     "interval 30 s": {"autosave_interval": "30", "autosave_on_changes": "false"},
     "interval 5 s": {"autosave_interval": "5", "autosave_on_changes": "false"},
@@ -122,20 +124,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="paced load before the kill")
     parser.add_argument("--rates", default="2000,10000")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="names from CONFIGS")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per config and rate (kill moments differ)")
     parser.add_argument("--quick", action="store_true", help="10k backlog, 3 s, 2,000/s, two configs")
     args = parser.parse_args()
     if args.quick:
         args.backlog, args.seconds, args.rates = 10_000, 3.0, "2000"
-        args.configs = "interval 30 s,every 1000 changes"
+        args.configs = f"interval 30 s,{DEPLOYED}"
     rng = random.Random(12)
     print(f"Mosquitto {CONFIG.name}: backlog {args.backlog:,} queued for the (stopped) bridge, "
           f"paced QoS 1 load for ~{args.seconds:.0f} s, then kill -9 at a random moment")
-    print(f"{'config':<22}{'rate':>8}{'achieved':>10}{'cpu %':>8}{'disk MB/s':>11}"
+    print(f"{'config':<26}{'rate':>8}{'achieved':>10}{'cpu %':>8}{'disk MB/s':>11}"
           f"{'acked':>10}{'lost':>8}{'window s':>10}")
     for name in args.configs.split(","):
-        for rate in (int(r) for r in args.rates.split(",")):
+        for rate in [int(r) for r in args.rates.split(",") for _ in range(args.repeat)]:
             r = run_one(name, CONFIGS[name], rate, args.backlog, args.seconds, rng)
-            print(f"{r.config:<22}{r.rate:>8,}{r.achieved:>10,.0f}{r.cpu_percent:>8.0f}"
+            name_shown = f"{name} (deployed)" if name == DEPLOYED else name
+            print(f"{name_shown:<26}{r.rate:>8,}{r.achieved:>10,.0f}{r.cpu_percent:>8.0f}"
                   f"{r.disk_mb_per_s:>11.1f}{r.acked:>10,}{r.lost:>8,}{r.window_seconds:>10.2f}", flush=True)
 
 

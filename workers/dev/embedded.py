@@ -184,7 +184,7 @@ def start_mosquitto(config: Path, data_dir: Path, port: int | None = None,
                     settings: Mapping[str, str | None] | None = None) -> BrokerProcess:
     """Mosquitto running `config` with its listener moved to 127.0.0.1:`port` and
     its persistence in `data_dir`; `settings` override further options (e.g.
-    `{"autosave_interval": "1"}` for a crash test). `.start()` after `.stop()`
+    `{"autosave_interval": "30"}` for a crash test). `.start()` after `.stop()`
     or `.kill()` resumes on the same port from the same persistence file."""
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
