@@ -102,7 +102,8 @@ def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> 
     dramatiq retries: they are no event's fault.
     """
     try:
-        with transaction(database_url) as conn:
+        # No ping: a broken connection fails here and the message is retried.
+        with transaction(database_url, ping=False) as conn:
             result = ingest_events(conn, events, sync_telemetry=sync_telemetry)
             crash_point("ingest.before_commit")
         return result

@@ -15,11 +15,14 @@ from sqlalchemy.exc import DBAPIError
 _engines: dict[tuple[int, str], Engine] = {}
 
 
-def engine_for(url: str, pool_size: int = 5) -> Engine:
-    key = (os.getpid(), url)
+def engine_for(url: str, pool_size: int = 5, *, ping: bool = True) -> Engine:
+    """`ping`: test each pooled connection (a round trip) before handing it out.
+    Without it a connection broken by a database restart fails its first use;
+    the pool is then replaced and the caller's retry finds fresh connections."""
+    key = (os.getpid(), url, ping)
     if key not in _engines:
         _engines[key] = create_engine(
-            _sqlalchemy_url(url), pool_size=pool_size, max_overflow=2, pool_pre_ping=True,
+            _sqlalchemy_url(url), pool_size=pool_size, max_overflow=2, pool_pre_ping=ping,
             # Error messages and logs never carry SQL parameters (other devices' values).
             hide_parameters=True,
             # A database host that does not answer is an error within seconds, not a hang.
@@ -28,9 +31,13 @@ def engine_for(url: str, pool_size: int = 5) -> Engine:
 
 
 @contextmanager
-def transaction(url: str) -> Iterator[Connection]:
-    """One unit of work: commits on success, rolls back on any exception."""
-    with engine_for(url).begin() as conn:
+def transaction(url: str, *, ping: bool = True) -> Iterator[Connection]:
+    """One unit of work: commits on success, rolls back on any exception.
+
+    `ping=False` for hot paths that retry any database error anyway (the
+    bridge's commit, the ingest actor): no extra round trip per transaction.
+    """
+    with engine_for(url, ping=ping).begin() as conn:
         yield conn
 
 
