@@ -10,7 +10,7 @@ from actors.broker import broker  # noqa: I001 - the broker is set before any ac
 import io
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
@@ -64,6 +64,10 @@ PENDING_COLUMNS = ("tenant_id", "farm_id", "barn_id", "device_id", "metric_type"
                    "count", "sum_value", "min_value", "max_value")
 
 
+class FrameHandOffFailed(Exception):
+    """A frame of the batch could not be handed to the media queue; the rest committed."""
+
+
 class CopyDataError(ValueError):
     """A value would break COPY's text format (never for validated events)."""
 
@@ -73,6 +77,12 @@ class IngestResult:
     accepted: dict[str, int]
     duplicates: dict[str, int]
     rejected: dict[str, int]
+    frames_not_handed_off: list[str] = field(default_factory=list)  # error classes
+
+    def __add__(self, other: "IngestResult") -> "IngestResult":
+        return IngestResult(self.accepted + other.accepted, self.duplicates + other.duplicates,
+                            self.rejected + other.rejected,
+                            self.frames_not_handed_off + other.frames_not_handed_off)
 
 
 @dramatiq.actor(queue_name="ingest", max_retries=10)
@@ -90,6 +100,10 @@ def ingest_batch(events: list[dict[str, Any]]) -> None:
         INGRESS_DUPLICATES.labels(kind).inc(n)
     for reason, n in result.rejected.items():
         INGRESS_REJECTED.labels(reason).inc(n)
+    if result.frames_not_handed_off:
+        # The rest of the batch is committed; the retry hands these frames off (see ingest_isolated).
+        raise FrameHandOffFailed(f"{len(result.frames_not_handed_off)} frame(s) not handed off: "
+                                 f"{result.frames_not_handed_off[0]}")
 
 
 def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> IngestResult:
@@ -112,12 +126,17 @@ def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> 
             raise
         if len(events) > 1:
             half = len(events) // 2
-            first = ingest_isolated(database_url, events[:half], sync_telemetry=sync_telemetry)
-            second = ingest_isolated(database_url, events[half:], sync_telemetry=sync_telemetry)
-            return IngestResult(*(a + b for a, b in zip(
-                (first.accepted, first.duplicates, first.rejected),
-                (second.accepted, second.duplicates, second.rejected))))
+            return (ingest_isolated(database_url, events[:half], sync_telemetry=sync_telemetry)
+                    + ingest_isolated(database_url, events[half:], sync_telemetry=sync_telemetry))
         (e,) = events
+        if isinstance(e, MediaEvent):
+            # Its only work here is a hand-off that does not depend on its data,
+            # and its bytes are on the media volume, not in the queue: not a dead
+            # letter. The message fails once the rest is committed and is retried;
+            # after its retries it stays `rejected` with its reason (`farmiq-edge dlq`).
+            log.warning("event=ingest_frame_hand_off_failed event_id=%s error=%r", e.event_id,
+                        db_error_class(exc))
+            return IngestResult(Counter(), Counter(), Counter(), [db_error_class(exc)])
         payload, size = received_bytes(e)
         with transaction(database_url) as conn:
             conn.execute(insert(ingress_dead_letters), dead_letter_row(
@@ -280,8 +299,8 @@ def _hand_off_media(conn: Connection, events: list[MediaEvent]) -> None:
             if e.staged is None:
                 raise PermanentError("media event without a staging reference")
             broker.enqueue_in(cursor, Message(queue_name=MEDIA_QUEUE, actor_name=MEDIA_ACTOR, args=(),
-                                              kwargs={"event": e.model_dump(mode="json", exclude={
-                                                  "image_b64", "raw_b64", "raw_size_bytes"})},
+                                              kwargs={"event": e.model_dump(mode="json",
+                                                                            exclude={"image_b64"})},
                                               options={}))
 
 

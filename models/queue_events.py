@@ -14,9 +14,12 @@ validated again by the actor (cheap at their rate, and the session state
 machine wants the typed model). A JSON object whose "kind" is telemetry
 (queued before compact rows existed) is still accepted.
 
-Every form carries the payload as received (`raw_b64`: the first 64 KiB,
-`raw_size_bytes`: the full length), so a dead letter the actor writes
-(session_conflict, processing_failed) keeps the device's bytes (SPEC §1.5).
+Telemetry and sessions carry the payload as received (`raw_b64`: the first
+64 KiB, `raw_size_bytes`: the full length), so a dead letter the actor
+writes (session_conflict, processing_failed) keeps the device's bytes (SPEC
+§1.5). A frame does not: its bytes travel once, to the media volume, and
+the actor's only work on it is a hand-off that no frame's data can fail
+(actors/ingest.py).
 
 Pure: no I/O.
 """
@@ -42,6 +45,8 @@ def queue_form(event: Any, payload: bytes, dumped: dict | None = None) -> list |
     `dumped` is the event's JSON object when the caller made it already
     (a frame, whose bytes the bridge spooled instead).
     """
+    if isinstance(event, MediaEvent):
+        return dumped if dumped is not None else event.model_dump(mode="json")
     raw_b64, raw_size = raw_fields(payload)
     if isinstance(event, TelemetryEvent):
         return [TELEMETRY, event.tenant_id, event.farm_id, event.barn_id, event.device_id,

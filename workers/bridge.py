@@ -51,9 +51,9 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -72,10 +72,10 @@ from actors.metrics import BRIDGE_BATCH_SECONDS, BRIDGE_BATCHES, INGRESS_REJECTE
 from models.ingress_dead_letters import dead_letter_row
 from models.messages import MediaEvent, Rejected, parse_message
 from models.queue_events import queue_form
-from workers.mqtt_socket import BufferedClient
 from models.settings import Settings
 from models.tables import ingress_dead_letters
 from schema.db import DB_ERRORS, db_error_class, raw_cursor, transaction
+from workers.mqtt_socket import BufferedClient
 
 log = logging.getLogger("farmiq_edge.bridge")
 

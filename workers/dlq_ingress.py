@@ -227,6 +227,7 @@ def redrive(settings: Settings, filters: dict[str, Any], *, page: int = PAGE) ->
     from actors.broker import broker
     from actors.ingest import ingest_batch
     from models.messages import Rejected
+    from models.queue_events import queue_form
 
     result = RedriveResult()
     after: tuple[Any, str] | None = None
@@ -250,7 +251,7 @@ def redrive(settings: Settings, filters: dict[str, Any], *, page: int = PAGE) ->
                                                  "detail": detail[:1000]})
                     result.still_failing[verdict.reason] += 1
                 else:
-                    passed.append(verdict.model_dump(mode="json"))
+                    passed.append(queue_form(verdict, bytes(r.payload)))  # as the bridge enqueues it
                     ids.append(str(r.id))
             last = rows[-1]
             after = (conn.execute(RECEIVED_AT, {"id": str(last.id)}).scalar_one(), str(last.id))

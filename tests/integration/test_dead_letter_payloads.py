@@ -1,6 +1,7 @@
 """Every dead letter keeps the bytes received (first 64 KiB) and their full length (SPEC §1.5),
 whoever writes it: the bridge (every rejection rule, a topic that is not UTF-8,
-a payload over 64 KiB) and the ingest actor (session_conflict, processing_failed)."""
+a payload over 64 KiB) and the ingest actor (session_conflict, processing_failed; a frame,
+whose bytes are on the media volume, fails its queue message instead)."""
 
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -115,3 +116,32 @@ def test_processing_failed_keeps_the_bytes_the_device_sent(db_url: str, monkeypa
     assert letter["reason"] == "processing_failed" and letter["topic"].endswith("/poison/telemetry")
     assert letter["payload"] == theirs and letter["payload_size_bytes"] == len(theirs)
     assert query(db_url, "SELECT count(*) AS n FROM telemetry_raw")[0]["n"] == 20
+
+
+REFUSE_MEDIA_HAND_OFF = """
+    CREATE FUNCTION test_refuse_media() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.queue_name = 'media' THEN RAISE EXCEPTION 'refused on purpose'; END IF;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER refuse_media BEFORE INSERT ON dramatiq.queue
+        FOR EACH ROW EXECUTE FUNCTION test_refuse_media();
+"""
+
+
+def test_a_frame_whose_hand_off_fails_is_retried_not_dead_lettered(db_url: str, tmp_path) -> None:
+    """A frame's bytes are on the media volume, not in the queue: the event that
+    cannot be handed off fails its message (retried, then `rejected`), the rest commits."""
+    from tests.integration.test_media import parsed, spooled
+    from workers.dev.frames import bird_frame
+    with transaction(db_url) as conn:
+        conn.exec_driver_sql(REFUSE_MEDIA_HAND_OFF)
+    at = datetime.now(timezone.utc) - timedelta(minutes=1)
+    telemetry = [parse_telemetry(uuid.UUID(int=i + 1), at, [("t", float(i), "C")]) for i in range(6)]
+    frame = spooled(tmp_path, parsed(bird_frame(seed=3).data))
+    result = ingest_isolated(db_url, telemetry[:3] + [frame] + telemetry[3:], sync_telemetry="agg")
+    assert result.frames_not_handed_off == ["RaiseException P0001"] and not result.rejected
+    assert query(db_url, "SELECT count(*) AS n FROM telemetry_raw")[0]["n"] == 6
+    assert letters(db_url) == []
+    # The frame took no dedupe key: the retried message hands it off once the cause is gone.
+    assert query(db_url, "SELECT count(*) AS n FROM ingress_dedupe")[0]["n"] == 6
