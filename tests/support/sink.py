@@ -9,7 +9,7 @@ from typing import Any
 import psycopg2
 
 from workers.dev.embedded import free_port
-from workers.dev.processes import EdgeProcess, edge_command
+from workers.dev.processes import EdgeProcess, NotReady, edge_command
 
 TOKEN = "test-token"
 
@@ -18,13 +18,20 @@ class SinkProcess:
     """A running sink with its admin port; what it stored is read from its SQLite file."""
 
     def __init__(self, tmp: Path, *args: str, name: str = "cloud-sink") -> None:
-        self.port, self.admin_port = free_port(), free_port()
         self.db = tmp / f"{name}.sqlite3"
-        self.proc = EdgeProcess(name, edge_command(
-            "cloud-sink", "--port", str(self.port), "--admin-port", str(self.admin_port),
-            "--db", str(self.db), "--token", TOKEN, *args), {"EDGE_METRICS_PORT": "0"},
-            tmp / f"{name}.log").start()
-        self.proc.wait_for_log("event=sink_started", 30)
+        for attempt in range(3):
+            # A free port can be taken (by anything on the machine) before the sink binds it.
+            self.port, self.admin_port = free_port(), free_port()
+            self.proc = EdgeProcess(name, edge_command(
+                "cloud-sink", "--port", str(self.port), "--admin-port", str(self.admin_port),
+                "--db", str(self.db), "--token", TOKEN, *args), {"EDGE_METRICS_PORT": "0"},
+                tmp / f"{name}.log").start()
+            try:
+                self.proc.wait_for_log("event=sink_started", 30)
+                return
+            except NotReady:
+                if attempt == 2 or "Address already in use" not in self.proc.log():
+                    raise
 
     @property
     def url(self) -> str:
