@@ -1,7 +1,7 @@
 """MQTT ingress boundary (SPEC §1): topic and payload rules, normalized events.
 
-`parse_message` is the one entry point of the bridge: bytes in, a validated
-event out, or `Rejected` with a reason code from `REJECT_REASONS`. Payload
+`parse_message` (or `validate_message` then `event_of`) is the entry point
+of the bridge: bytes in, a validated event out, or `Rejected` with a reason code from `REJECT_REASONS`. Payload
 models mirror what a device may send (no ids: the topic is authoritative);
 event models are the normalized form that travels through the queue, with
 the topic ids merged in.
@@ -421,7 +421,7 @@ def media_payload_limit(media_max_bytes: int) -> int:
     return 4 * -(-media_max_bytes // 3) + 64 * 1024
 
 
-def parse_message(
+def validate_message(
     topic: str,
     payload: bytes,
     *,
@@ -429,9 +429,12 @@ def parse_message(
     max_clock_skew: timedelta,
     media_max_bytes: int,
     max_payload_bytes: int,
-) -> IngressEvent:
-    """Validate one MQTT message; raise `Rejected` (and only that) on any bad input.
+) -> tuple[TopicIds, _Envelope]:
+    """Check one MQTT message; raise `Rejected` (and only that) on any bad input.
 
+    Returns the topic ids and the validated payload model (`event_of` makes
+    the normalized event of them; the bridge's hot path makes a telemetry
+    message's queue row straight from them: models/queue_events.py).
     `max_payload_bytes` bounds telemetry and session payloads; media payloads
     are bounded by `media_payload_limit(media_max_bytes)` (SPEC §1.1). Both
     are checked before any JSON parsing; the kind comes from the topic.
@@ -442,10 +445,28 @@ def parse_message(
     limit = media_payload_limit(media_max_bytes) if ids.kind == "media" else max_payload_bytes
     if len(payload) > limit:
         raise Rejected("too_large", f"{ids.kind} payload is {len(payload)} bytes, limit {limit}")
-    model, build = _BY_KIND[ids.kind]
+    model = _BY_KIND[ids.kind][0]
     context = {"now": now, "max_clock_skew": max_clock_skew, "media_max_bytes": media_max_bytes}
     try:
-        validated = model.model_validate_json(payload, context=context)
+        return ids, model.model_validate_json(payload, context=context)
     except ValidationError as exc:
         raise _rejection(exc) from None
-    return build(ids, validated)
+
+
+def event_of(ids: TopicIds, validated: _Envelope) -> IngressEvent:
+    """The normalized event of a message `validate_message` accepted."""
+    return _BY_KIND[ids.kind][1](ids, validated)
+
+
+def parse_message(
+    topic: str,
+    payload: bytes,
+    *,
+    now: datetime,
+    max_clock_skew: timedelta,
+    media_max_bytes: int,
+    max_payload_bytes: int,
+) -> IngressEvent:
+    """Validate one MQTT message into its normalized event; `Rejected` on any bad input."""
+    return event_of(*validate_message(topic, payload, now=now, max_clock_skew=max_clock_skew,
+                                      media_max_bytes=media_max_bytes, max_payload_bytes=max_payload_bytes))

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.ingress_dead_letters import MAX_DEAD_LETTER_PAYLOAD
-from models.messages import INGRESS_EVENTS, MediaEvent, SessionEvent, TelemetryEvent
+from models.messages import (INGRESS_EVENTS, MediaEvent, SessionEvent, TelemetryEvent, TelemetryPayload,
+                             TopicIds)
 
 TELEMETRY = "telemetry"
 
@@ -47,15 +48,20 @@ def queue_form(event: Any, payload: bytes, dumped: dict | None = None) -> list |
     """
     if isinstance(event, MediaEvent):
         return dumped if dumped is not None else event.model_dump(mode="json")
-    raw_b64, raw_size = raw_fields(payload)
     if isinstance(event, TelemetryEvent):
-        return [TELEMETRY, event.tenant_id, event.farm_id, event.barn_id, event.device_id,
-                str(event.event_id), event.occurred_at.isoformat(), event.trace_id,
-                [[r.metric_type, float(r.metric_value), r.unit] for r in event.readings],
-                raw_b64, raw_size]
+        return telemetry_row(event, event, payload)
     form = dumped if dumped is not None else event.model_dump(mode="json")
-    form["raw_b64"], form["raw_size_bytes"] = raw_b64, raw_size
+    form["raw_b64"], form["raw_size_bytes"] = raw_fields(payload)
     return form
+
+
+def telemetry_row(ids: TopicIds | TelemetryEvent, fields: TelemetryPayload | TelemetryEvent,
+                  payload: bytes) -> list:
+    """A telemetry message's compact row, from its topic ids and validated fields
+    (the bridge passes `validate_message`'s result: no event model is built)."""
+    return [TELEMETRY, ids.tenant_id, ids.farm_id, ids.barn_id, ids.device_id, str(fields.event_id),
+            fields.occurred_at.isoformat(), fields.trace_id,
+            [[r.metric_type, float(r.metric_value), r.unit] for r in fields.readings], *raw_fields(payload)]
 
 
 @dataclass(slots=True)

@@ -70,8 +70,8 @@ from actors.faults import crash_point
 from actors.media_volume import Spool, VolumeFull
 from actors.metrics import BRIDGE_BATCH_SECONDS, BRIDGE_BATCHES, INGRESS_REJECTED
 from models.ingress_dead_letters import dead_letter_row
-from models.messages import MediaEvent, Rejected, parse_message
-from models.queue_events import queue_form
+from models.messages import MediaEvent, Rejected, event_of, validate_message
+from models.queue_events import queue_form, telemetry_row
 from models.settings import Settings
 from models.tables import ingress_dead_letters
 from schema.db import DB_ERRORS, db_error_class, raw_cursor, transaction
@@ -371,15 +371,19 @@ def commit_batch(settings: Settings, deliveries: list[Delivery]) -> list[Deliver
             except UnicodeDecodeError:
                 topic = d.topic.decode("utf-8", "backslashreplace")
                 raise Rejected("bad_topic", "topic is not valid UTF-8") from None
-            event = parse_message(topic, d.payload, now=now, max_clock_skew=s.max_clock_skew,
-                                  media_max_bytes=s.media_max_bytes,
-                                  max_payload_bytes=s.max_payload_bytes)
+            ids, validated = validate_message(topic, d.payload, now=now, max_clock_skew=s.max_clock_skew,
+                                              media_max_bytes=s.media_max_bytes,
+                                              max_payload_bytes=s.max_payload_bytes)
         except Rejected as rejected:
             dead.append(dead_letter_row(topic, d.payload, rejected.reason, rejected.detail))
             reasons.append(rejected.reason)
             continue
+        if ids.kind == "telemetry":  # the hot path: its queue row, no event model (models/queue_events.py)
+            events.append(telemetry_row(ids, validated, d.payload))
+            continue
+        event = event_of(ids, validated)
         try:
-            # A frame's bytes go to disk, not the queue; every event carries the payload as received.
+            # A frame's bytes go to disk, not the queue.
             dumped = spool.event_json(event) if isinstance(event, MediaEvent) else None
             events.append(queue_form(event, d.payload, dumped))
         except VolumeFull:

@@ -7,8 +7,8 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 from models.ingress_dead_letters import MAX_DEAD_LETTER_PAYLOAD
-from models.messages import SessionEvent, TelemetryEvent, parse_message
-from models.queue_events import QueuedTelemetry, decode, queue_form, received_bytes
+from models.messages import SessionEvent, TelemetryEvent, event_of, parse_message, validate_message
+from models.queue_events import QueuedTelemetry, decode, queue_form, received_bytes, telemetry_row
 from tests.support import corpus
 from workers.mqtt_socket import BufferedSocket
 
@@ -80,3 +80,11 @@ def test_buffered_socket_reads_ahead_and_reports_what_it_holds() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_the_bridge_row_equals_the_row_of_the_event() -> None:
+    payload = corpus.telemetry_payload(uuid.uuid4(), NOW, [("t", 1.5, "C"), ("h", 60, "%")], trace_id="x")
+    limits = {"now": NOW, "max_clock_skew": timedelta(minutes=5), "media_max_bytes": 1024 * 1024,
+              "max_payload_bytes": 256 * 1024}
+    ids, validated = validate_message(corpus.topic("telemetry"), payload, **limits)
+    assert telemetry_row(ids, validated, payload) == queue_form(event_of(ids, validated), payload)
