@@ -458,15 +458,7 @@ def event_of(ids: TopicIds, validated: _Envelope) -> IngressEvent:
     return _BY_KIND[ids.kind][1](ids, validated)
 
 
-def parse_message(
-    topic: str,
-    payload: bytes,
-    *,
-    now: datetime,
-    max_clock_skew: timedelta,
-    media_max_bytes: int,
-    max_payload_bytes: int,
-) -> IngressEvent:
-    """Validate one MQTT message into its normalized event; `Rejected` on any bad input."""
-    return event_of(*validate_message(topic, payload, now=now, max_clock_skew=max_clock_skew,
-                                      media_max_bytes=media_max_bytes, max_payload_bytes=max_payload_bytes))
+def parse_message(topic: str, payload: bytes, **limits: Any) -> IngressEvent:
+    """Validate one MQTT message into its normalized event; `Rejected` on any bad
+    input. `limits`: the keyword arguments of `validate_message`."""
+    return event_of(*validate_message(topic, payload, **limits))
