@@ -190,7 +190,7 @@ class Bridge:
             log.exception("event=mqtt_callback_failed mid=%s", getattr(message, "mid", None))
 
     def _hold_while_full(self, client: mqtt.Client) -> None:
-        """Backpressure: do not return to paho while the inbox is over its byte bound.
+        """Backpressure: do not return to paho while the inbox is over its bounds.
 
         paho cannot run its keepalive or flush its outgoing queue while we hold
         its thread, so this loop does both: a PINGREQ every keepalive/2 and the
@@ -199,12 +199,12 @@ class Bridge:
         on_disconnect, which would wait for the callback lock we are holding.
         On a write error we return, and paho sees the lost connection.
         """
-        s = self.settings
-        ping_every = s.mqtt_keepalive_seconds / 2
+        if not self._inbox_full():  # the common case, per message: no lock, no clock
+            return
+        ping_every = self.settings.mqtt_keepalive_seconds / 2
         last_ping = time.monotonic()
         with self._held:
-            while (self.inbox_bytes > s.bridge_inbox_max_bytes
-                   or self.inbox.qsize() > READ_AHEAD_BATCHES * s.batch_max_messages):
+            while self._inbox_full():
                 self._held_tick = time.monotonic()
                 self._held.wait(0.5)
                 # Checked under the lock `run` takes to disconnect: never write a
@@ -217,6 +217,11 @@ class Bridge:
                 if client._packet_write() not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
                     break  # connection lost: let paho see it and reconnect
             self._held_tick = 0.0
+
+    def _inbox_full(self) -> bool:
+        s = self.settings
+        return (self.inbox_bytes > s.bridge_inbox_max_bytes
+                or self.inbox.qsize() > READ_AHEAD_BATCHES * s.batch_max_messages)
 
     def _release(self, deliveries: list[Delivery]) -> None:
         with self._held:
