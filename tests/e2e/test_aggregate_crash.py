@@ -9,16 +9,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from uuid import UUID
 
-import psycopg2
-
 from actors.aggregate import PENDING_PAGE, aggregate_pending
-from actors.broker import broker
 from actors.ingest import ingest_events
 from models.messages import parse_message
 from schema.db import engine_for, transaction
 from tests.integration.test_aggregate import REFERENCE, assert_agg_equals_group_by
 from tests.support import corpus
-from tests.support.processes import edge_env, queue_idle, scalar, wait_until
+from tests.support.processes import edge_env, enqueue, queue_idle, scalar, wait_until
 from workers.dev.processes import EdgeProcess, edge_command
 
 NOW = datetime.now(timezone.utc)
@@ -76,12 +73,7 @@ def backlog(db_url: str) -> int:
 
 def send_aggregate(db_url: str) -> None:
     """What the scheduler does every second: one `aggregate_pending` queue message."""
-    conn = psycopg2.connect(db_url)
-    try:
-        with conn, conn.cursor() as cur:
-            broker.enqueue_in(cur, aggregate_pending.message())
-    finally:
-        conn.close()
+    enqueue(db_url, aggregate_pending.message())
 
 
 def pending(db_url: str) -> int:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_observability_and_scaling import sample, scrape
-from tests.support.processes import scalar, wait_until
+from actors.outbox import forward_outbox
+from tests.support.processes import enqueue, scalar, wait_until
 from tests.support.sink import SinkProcess, add_pending, outbox_env
 from workers.dev.embedded import free_port
 from workers.dev.processes import ROOT, EdgeProcess, edge_command
@@ -72,20 +73,6 @@ def edge_ids(db_url: str, where: str = "true") -> set[str]:
         with conn.cursor() as cur:
             cur.execute(f"SELECT id::text FROM sync_outbox WHERE {where}")
             return {r[0] for r in cur.fetchall()}
-    finally:
-        conn.close()
-
-
-def send_outbox_tick(db_url: str) -> None:
-    """What the scheduler sends every second: one `forward_outbox` queue message."""
-    import psycopg2
-
-    from actors.broker import broker
-    from actors.outbox import forward_outbox
-    conn = psycopg2.connect(db_url)
-    try:
-        with conn, conn.cursor() as cur:
-            broker.enqueue_in(cur, forward_outbox.message())
     finally:
         conn.close()
 
@@ -170,7 +157,7 @@ def test_two_forwarders_never_share_an_event(db_url, sink, edge):
     # Ticks five times a second, not coalesced: with the scheduler's one tick at a time,
     # one forwarder could win every tick of a short drain and the other do nothing.
     def tick_then_check() -> bool:
-        send_outbox_tick(db_url)
+        enqueue(db_url, forward_outbox.message())
         return all_acked(db_url, n)
     wait_until(tick_then_check, 300, f"all {n} events acked", interval=0.2)
 

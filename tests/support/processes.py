@@ -37,6 +37,17 @@ def rows(db_url: str, sql: str, params: tuple | dict | None = None) -> list[tupl
         conn.close()
 
 
+def enqueue(db_url: str, message) -> None:  # noqa: ANN001 - a dramatiq Message
+    """Put `message` in the queue as the scheduler does (one transaction of its own)."""
+    from actors.broker import broker
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn, conn.cursor() as cur:
+            broker.enqueue_in(cur, message)
+    finally:
+        conn.close()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
