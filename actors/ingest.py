@@ -87,7 +87,7 @@ class IngestResult:
 
 @dramatiq.actor(queue_name="ingest", max_retries=10)
 @ride_out_database_outage
-def ingest_batch(events: list[dict[str, Any]]) -> None:
+def ingest_batch(events: list[list | dict[str, Any]]) -> None:  # models/queue_events.py
     try:
         parsed = decode_queue_events(events)
     except ValidationError as exc:
