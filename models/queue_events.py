@@ -82,12 +82,11 @@ class QueuedTelemetry:
 
     @classmethod
     def of(cls, e: TelemetryEvent) -> "QueuedTelemetry":
-        raw_b64, raw_size = e.raw_b64, e.raw_size_bytes
-        if raw_b64 is None:  # queued by an older bridge: its normalized JSON is all there is
-            raw_b64, raw_size = raw_fields(_normalized_json(e))
-        return cls(e.tenant_id, e.farm_id, e.barn_id, e.device_id, str(e.event_id), e.occurred_at.isoformat(),
-                   e.trace_id, [[r.metric_type, float(r.metric_value), r.unit] for r in e.readings],
-                   raw_b64, raw_size)
+        values = telemetry_row(e, e, b"")[1:-2]  # the row without its received bytes
+        if e.raw_b64 is not None:
+            return cls(*values, e.raw_b64, e.raw_size_bytes)
+        # Queued by an older bridge: its normalized JSON is all there is.
+        return cls(*values, *raw_fields(_normalized_json(e)))
 
 
 Queued = QueuedTelemetry | SessionEvent | MediaEvent

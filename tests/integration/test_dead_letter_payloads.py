@@ -65,15 +65,21 @@ def query_bodies(db_url: str) -> list[tuple[dict]]:
     return [(r["message"],) for r in query(db_url, "SELECT message FROM dramatiq.queue WHERE queue_name = 'ingest'")]
 
 
-REFUSE_DEVICE = """
-    CREATE FUNCTION test_refuse_raw() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        IF NEW.device_id = 'poison' THEN RAISE EXCEPTION 'refused on purpose'; END IF;
-        RETURN NEW;
-    END $$;
-    CREATE TRIGGER refuse_raw BEFORE INSERT ON telemetry_raw
-        FOR EACH ROW EXECUTE FUNCTION test_refuse_raw();
-"""
+def refuse_inserts(table: str, condition: str) -> str:
+    """A trigger that makes PostgreSQL refuse the rows of `table` matching `condition`."""
+    name = table.replace(".", "_")
+    return f"""
+        CREATE FUNCTION test_refuse_{name}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF {condition} THEN RAISE EXCEPTION 'refused on purpose'; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_{name} BEFORE INSERT ON {table}
+            FOR EACH ROW EXECUTE FUNCTION test_refuse_{name}();
+    """
+
+
+REFUSE_DEVICE = refuse_inserts("telemetry_raw", "NEW.device_id = 'poison'")
 
 
 def test_ingest_isolates_the_event_that_fails(db_url: str) -> None:
@@ -118,15 +124,7 @@ def test_processing_failed_keeps_the_bytes_the_device_sent(db_url: str, monkeypa
     assert query(db_url, "SELECT count(*) AS n FROM telemetry_raw")[0]["n"] == 20
 
 
-REFUSE_MEDIA_HAND_OFF = """
-    CREATE FUNCTION test_refuse_media() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        IF NEW.queue_name = 'media' THEN RAISE EXCEPTION 'refused on purpose'; END IF;
-        RETURN NEW;
-    END $$;
-    CREATE TRIGGER refuse_media BEFORE INSERT ON dramatiq.queue
-        FOR EACH ROW EXECUTE FUNCTION test_refuse_media();
-"""
+REFUSE_MEDIA_HAND_OFF = refuse_inserts("dramatiq.queue", "NEW.queue_name = 'media'")
 
 
 def test_a_frame_whose_hand_off_fails_is_retried_not_dead_lettered(db_url: str, tmp_path) -> None:
