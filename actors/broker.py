@@ -184,8 +184,8 @@ class OrjsonEncoder(dramatiq.JSONEncoder):
 
 
 def _body(message: Message):
-    # The JSON encoder's text goes in as is (a string literal becomes jsonb on
-    # insert): encoding once, not encode → decode → encode.
+    # The JSON encoder's text goes in as is (a string literal becomes the json
+    # column's value): encoding once, not encode → decode → encode.
     if isinstance(dramatiq.get_encoder(), dramatiq.JSONEncoder):
         return message.encode().decode()
     return Json(message.asdict())

@@ -37,7 +37,7 @@ import orjson
 import psycopg2
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.message import Message
-from psycopg2.extras import Json, register_default_jsonb
+from psycopg2.extras import Json, register_default_json
 
 log = logging.getLogger("farmiq_edge.queue")
 
@@ -159,8 +159,8 @@ class EdgeConsumer(Consumer):
             self.conn = psycopg2.connect(self.url, application_name=f"farmiq-edge consumer {self.queue_name}",
                                          connect_timeout=5)
             self.conn.autocommit = True
-            # Message bodies (jsonb, ~300 KB for a full ingest batch) decoded by orjson.
-            register_default_jsonb(self.conn, loads=orjson.loads)
+            # Message bodies (json, ~400 KB for a full ingest batch) decoded by orjson.
+            register_default_json(self.conn, loads=orjson.loads)
             with self.conn.cursor() as cur:
                 # Claims, acks and heartbeats need no fsync before we go on: if
                 # PostgreSQL itself crashes, a lost ack or claim only means the

@@ -195,9 +195,9 @@ TABLE_BYTES = """
 """
 # queue_events: telemetry events waiting in ingest batch messages (args[0] is the event list).
 QUEUE_EVENTS = """
-    SELECT coalesce(sum(jsonb_array_length(message->'args'->0)), 0)
+    SELECT coalesce(sum(json_array_length(message->'args'->0)), 0)
       FROM dramatiq.queue
-     WHERE queue_name = 'ingest' AND jsonb_typeof(message->'args'->0) = 'array'
+     WHERE queue_name = 'ingest' AND json_typeof(message->'args'->0) = 'array'
 """
 # media_frame_bytes: average stored frame size.
 MEDIA_FRAME_BYTES = "SELECT count(*), avg(size_bytes) FROM media_objects"

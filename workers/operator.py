@@ -84,9 +84,9 @@ DLQ_REDRIVE = text("""
     WITH redriven AS (
         UPDATE dramatiq.queue
            SET state = 'queued', due_at = now(), mtime = now(), consumer_id = NULL, claim_id = NULL,
-               message = message || jsonb_build_object(
-                   'options', (coalesce(message->'options', '{}') - 'dead_letter_reason' - 'traceback' - 'eta')
-                              || '{"retries": 0}')
+               message = (message::jsonb || jsonb_build_object(
+                   'options', (coalesce(message::jsonb->'options', '{}') - 'dead_letter_reason' - 'traceback' - 'eta')
+                              || '{"retries": 0}'))::json
          WHERE state = 'rejected'
            AND (:all OR message_id = ANY(CAST(:ids AS uuid[])))
            AND (CAST(:queue AS text) IS NULL OR queue_name = :queue)

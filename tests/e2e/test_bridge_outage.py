@@ -28,7 +28,7 @@ from tests.support.publisher import PacedPublisher, publish_all
 
 OUTAGE_SECONDS = float(os.environ.get("EDGE_TEST_DB_OUTAGE_SECONDS", "15"))
 RATE = 200  # messages/s, before, during and after the outage
-QUEUED_EVENTS = ("SELECT coalesce(sum(jsonb_array_length(message->'args'->0)), 0) "
+QUEUED_EVENTS = ("SELECT coalesce(sum(json_array_length(message->'args'->0)), 0) "
                  "FROM dramatiq.queue WHERE queue_name = 'ingest'")
 
 

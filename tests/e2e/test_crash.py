@@ -26,7 +26,7 @@ def messages(n: int) -> list[tuple[str, bytes]]:
 
 def events_enqueued(db_url: str) -> int:
     """Events carried by the ingest queue messages not yet processed (redeliveries included)."""
-    return scalar(db_url, "SELECT coalesce(sum(jsonb_array_length(message->'args'->0)), 0) "
+    return scalar(db_url, "SELECT coalesce(sum(json_array_length(message->'args'->0)), 0) "
                           "FROM dramatiq.queue WHERE queue_name = 'ingest'")
 
 

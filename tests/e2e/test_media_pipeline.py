@@ -124,7 +124,7 @@ def test_session_of_frames_end_to_end(pipeline, db_url):
     n = len(session.frames)
 
     # The queue holds no image bytes: the bridge's ingest messages carry references...
-    wait_until(lambda: scalar(db_url, "SELECT coalesce(sum(jsonb_array_length(message->'args'->0)), 0) "
+    wait_until(lambda: scalar(db_url, "SELECT coalesce(sum(json_array_length(message->'args'->0)), 0) "
                                       "FROM dramatiq.queue WHERE queue_name = 'ingest'") == n + 2,
                60, "every valid message enqueued by the bridge")
     count, size, with_jpeg = queue_bytes(db_url, "ingest")

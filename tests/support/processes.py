@@ -70,6 +70,6 @@ def queue_idle(db_url: str) -> bool:
 # The scheduled slot (workers/scheduler.py) of every queue message, as a list.
 # Distinct event ids waiting in the ingest queue (a compact telemetry row has its id at index 5).
 QUEUED_EVENT_IDS = ("SELECT count(DISTINCT coalesce(e->>'event_id', e->>5)) FROM dramatiq.queue q, "
-                    "jsonb_array_elements(q.message->'args'->0) e WHERE q.queue_name = 'ingest'")
+                    "json_array_elements(q.message->'args'->0) e WHERE q.queue_name = 'ingest'")
 SCHEDULED_SLOTS = ("SELECT coalesce(array_agg(message->'options'->>'scheduled_slot' ORDER BY 1), '{}') "
                    "FROM dramatiq.queue")

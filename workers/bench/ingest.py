@@ -30,7 +30,7 @@ Figures, all printed:
 - CPU seconds per component during the run, to show where the machine's time
   went (the bottleneck), and CPU µs per MQTT message per component with the
   rate the machine's cores could carry at that cost.
-- with --profile, py-spy on the bridge and the ingest worker processes for a
+- with --profile, py-spy on the bridge, ingest and aggregate worker processes for a
   few seconds mid-drain (workers/bench/profile.py): top frames per process.
 
 Ctrl-C or SIGTERM stops every process it started and removes what it made.
@@ -634,7 +634,7 @@ class Bench:
 
     def profile_window(self, procs: dict[str, EdgeProcess],
                        expected: int) -> Callable[[int, float], None] | None:
-        """A drain callback: py-spy on the bridge and the ingest worker's processes, mid-drain.
+        """A drain callback: py-spy on the bridge and the workers' processes, mid-drain.
 
         It starts once PROFILE_FROM of the events are committed (past the
         start-up transient) and lasts PROFILE_SECONDS, or what the drain
@@ -655,10 +655,11 @@ class Bench:
             left = elapsed * (expected - committed) / max(1, committed)
             # dramatiq's parent only supervises: its forked children run the actors
             # (and, with Prometheus, one serves /metrics: it shows up idle).
-            workers = [p.pid for p in psutil.Process(procs["ingest worker"].pid).children()]
             targets = {"bridge": procs["bridge"].pid}
-            targets.update({"ingest worker" + (f" {n + 1}" if len(workers) > 1 else ""): pid
-                            for n, pid in enumerate(workers)})
+            for name in ("ingest worker", "aggregate worker"):
+                workers = [p.pid for p in psutil.Process(procs[name].pid).children()]
+                targets.update({name + (f" {n + 1}" if len(workers) > 1 else ""): pid
+                                for n, pid in enumerate(workers)})
             self.profiler.start(targets, min(PROFILE_SECONDS, left))
             say(f"  profiling {', '.join(f'{k} [{v}]' for k, v in targets.items())} "
                 f"for {self.profiler.seconds} s (py-spy, {profile.RATE}/s)")
