@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import dramatiq
 
-from sqlalchemy import Connection, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, func, insert, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from actors.database_outage import ride_out_database_outage
@@ -59,6 +59,39 @@ CLAIM_PENDING = text("""
 OLDEST_PENDING_AGE = text("""
     SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)
       FROM telemetry_agg_pending
+""")
+# Closed buckets written to the outbox (or set aside): one statement for the page.
+MARK_SENT = text("""
+    UPDATE telemetry_agg SET needs_sync = false
+     WHERE (id, bucket_start_at) IN (SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:starts AS timestamptz[])))
+""")
+# Merge a page's buckets into telemetry_agg: one statement, its rows as column
+# arrays (a row per statement cost PostgreSQL a parse and plan per bucket).
+MERGE_BUCKETS = text("""
+    INSERT INTO telemetry_agg AS old
+           (id, tenant_id, farm_id, barn_id, device_id, metric_type, "window", bucket_start_at,
+            bucket_end_at, count, sum_value, avg_value, min_value, max_value)
+    SELECT b.id, b.tenant_id, b.farm_id, b.barn_id, b.device_id, b.metric_type, b."window",
+           b.bucket_start_at, b.bucket_end_at, b.count, b.sum_value, b.sum_value / b.count,
+           b.min_value, b.max_value
+      FROM unnest(CAST(:id AS uuid[]), CAST(:tenant_id AS text[]), CAST(:farm_id AS text[]),
+                  CAST(:barn_id AS text[]), CAST(:device_id AS text[]), CAST(:metric_type AS text[]),
+                  CAST(:window AS text[]), CAST(:bucket_start_at AS timestamptz[]),
+                  CAST(:bucket_end_at AS timestamptz[]), CAST(:count AS bigint[]),
+                  CAST(:sum_value AS float8[]), CAST(:min_value AS float8[]), CAST(:max_value AS float8[]))
+           WITH ORDINALITY AS b(id, tenant_id, farm_id, barn_id, device_id, metric_type, "window",
+                                bucket_start_at, bucket_end_at, count, sum_value, min_value, max_value, n)
+     ORDER BY b.n
+    ON CONFLICT ON CONSTRAINT telemetry_agg_bucket_key DO UPDATE
+       SET count      = old.count + EXCLUDED.count,
+           sum_value  = old.sum_value + EXCLUDED.sum_value,
+           avg_value  = (old.sum_value + EXCLUDED.sum_value) / (old.count + EXCLUDED.count),
+           min_value  = least(old.min_value, EXCLUDED.min_value),
+           max_value  = greatest(old.max_value, EXCLUDED.max_value),
+           farm_id    = EXCLUDED.farm_id,
+           barn_id    = EXCLUDED.barn_id,
+           needs_sync = true,
+           updated_at = now()
 """)
 
 
@@ -109,21 +142,10 @@ def merge_pending(conn: Connection, page: int = PENDING_PAGE) -> int:
     # Sorted: two runs updating overlapping buckets take row locks in one order.
     rows = [{"id": new_id(), "tenant_id": t, "farm_id": farm, "barn_id": barn, "device_id": d,
              "metric_type": metric, "window": w, "bucket_start_at": start,
-             "bucket_end_at": start + WINDOWS[w], "count": n, "sum_value": s, "avg_value": s / n,
+             "bucket_end_at": start + WINDOWS[w], "count": n, "sum_value": s,
              "min_value": lo, "max_value": hi}
             for (t, d, metric, w, start), (n, s, lo, hi, farm, barn) in sorted(buckets.items())]
-    stmt = pg_insert(telemetry_agg)
-    old, new = telemetry_agg.c, stmt.excluded
-    upsert = stmt.on_conflict_do_update(
-        constraint="telemetry_agg_bucket_key",
-        set_={"count": old.count + new.count,
-              "sum_value": old.sum_value + new.sum_value,
-              "avg_value": (old.sum_value + new.sum_value) / (old.count + new.count),
-              "min_value": func.least(old.min_value, new.min_value),
-              "max_value": func.greatest(old.max_value, new.max_value),
-              "farm_id": new.farm_id, "barn_id": new.barn_id,
-              "needs_sync": True, "updated_at": func.now()})
-    for row, exc in write_isolated(conn, lambda page_rows: conn.execute(upsert, page_rows), rows):
+    for row, exc in write_isolated(conn, lambda page_rows: conn.execute(MERGE_BUCKETS, _columns(page_rows)), rows):
         failures.append(_failure("merge", row, "write_failed", db_error_class(exc)))
     _set_aside(conn, failures)
     failed_buckets = {(f["window"], f["bucket_start_at"], f["device_id"], f["metric_type"])
@@ -160,12 +182,14 @@ def close_out_buckets(conn: Connection, *, emit_events: bool, page: int = CLOSE_
                 pg_insert(sync_outbox), [_aggregated_event(r) for r in page_rows]), sendable):
             failures.append(_failure("close_out", r._asdict(), "write_failed", db_error_class(exc)))
     # Failed ones too: they are recorded, and must not be picked again every second.
-    conn.execute(update(telemetry_agg)
-                 .where(agg.id == bindparam("b_id"), agg.bucket_start_at == bindparam("b_start"))
-                 .values(needs_sync=False),
-                 [{"b_id": r.id, "b_start": r.bucket_start_at} for r in closed])
+    conn.execute(MARK_SENT, {"ids": [r.id for r in closed], "starts": [r.bucket_start_at for r in closed]})
     _set_aside(conn, failures)
     return len(closed)
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """MERGE_BUCKETS' parameters: one array per column, in row order."""
+    return {column: [row[column] for row in rows] for column in rows[0]}
 
 
 def partial_in_bounds(n: int, total: float, lo: float, hi: float) -> bool:
