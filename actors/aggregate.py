@@ -63,7 +63,8 @@ OLDEST_PENDING_AGE = text("""
 # Closed buckets written to the outbox (or set aside): one statement for the page.
 MARK_SENT = text("""
     UPDATE telemetry_agg SET needs_sync = false
-     WHERE (id, bucket_start_at) IN (SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:starts AS timestamptz[])))
+     WHERE (id, bucket_start_at) IN (SELECT *
+                                       FROM unnest(CAST(:ids AS uuid[]), CAST(:starts AS timestamptz[])))
 """)
 # Merge a page's buckets into telemetry_agg: one statement, its rows as column
 # arrays (a row per statement cost PostgreSQL a parse and plan per bucket).
@@ -122,30 +123,32 @@ def merge_pending(conn: Connection, page: int = PENDING_PAGE) -> int:
     whether more is pending (many rows of one busy minute merge into one bucket).
     """
     partials = conn.execute(CLAIM_PENDING, {"page": page}).all()
-    buckets: dict[tuple, list] = {}
+    minutes: dict[tuple, list] = {}
     failures = []
     for m in partials:
         if not partial_in_bounds(m.count, m.sum_value, m.min_value, m.max_value):
             failures.append(_failure("merge", m._asdict(), "out_of_range", "partial beyond SPEC 1.2 bounds"))
             continue
-        for window in WINDOWS:
-            key = (m.tenant_id, m.device_id, m.metric_type, window, bucket_start(m.bucket_start_at, window))
-            b = buckets.get(key)
-            if b is None:
-                # farm/barn are carried along (a device belongs to one barn).
-                buckets[key] = [m.count, m.sum_value, m.min_value, m.max_value, m.farm_id, m.barn_id]
-            else:
-                b[0] += m.count
-                b[1] += m.sum_value
-                b[2] = min(b[2], m.min_value)
-                b[3] = max(b[3], m.max_value)
+        # farm/barn are carried along (a device belongs to one barn).
+        minute = bucket_start(m.bucket_start_at, "1m")
+        _merge(minutes, (m.tenant_id, m.device_id, m.metric_type, "1m", minute),
+               [m.count, m.sum_value, m.min_value, m.max_value, m.farm_id, m.barn_id])
+    # The hours and days from the merged minutes (fewer than the partials).
+    buckets = dict(minutes)
+    for (tenant, device, metric, _, minute), b in minutes.items():
+        for window in ("1h", "1d"):
+            _merge(buckets, (tenant, device, metric, window, bucket_start(minute, window)), list(b))
     # Sorted: two runs updating overlapping buckets take row locks in one order.
     rows = [{"id": new_id(), "tenant_id": t, "farm_id": farm, "barn_id": barn, "device_id": d,
              "metric_type": metric, "window": w, "bucket_start_at": start,
              "bucket_end_at": start + WINDOWS[w], "count": n, "sum_value": s,
              "min_value": lo, "max_value": hi}
             for (t, d, metric, w, start), (n, s, lo, hi, farm, barn) in sorted(buckets.items())]
-    for row, exc in write_isolated(conn, lambda page_rows: conn.execute(MERGE_BUCKETS, _columns(page_rows)), rows):
+
+    def write(page_rows: Sequence[dict[str, Any]]) -> None:
+        conn.execute(MERGE_BUCKETS, _columns(page_rows))
+
+    for row, exc in write_isolated(conn, write, rows):
         failures.append(_failure("merge", row, "write_failed", db_error_class(exc)))
     _set_aside(conn, failures)
     failed_buckets = {(f["window"], f["bucket_start_at"], f["device_id"], f["metric_type"])
@@ -185,6 +188,18 @@ def close_out_buckets(conn: Connection, *, emit_events: bool, page: int = CLOSE_
     conn.execute(MARK_SENT, {"ids": [r.id for r in closed], "starts": [r.bucket_start_at for r in closed]})
     _set_aside(conn, failures)
     return len(closed)
+
+
+def _merge(buckets: dict[tuple, list], key: tuple, partial: list) -> None:
+    """Add `partial` ([count, sum, min, max, farm, barn]) into the bucket at `key`."""
+    b = buckets.get(key)
+    if b is None:
+        buckets[key] = partial
+    else:
+        b[0] += partial[0]
+        b[1] += partial[1]
+        b[2] = min(b[2], partial[2])
+        b[3] = max(b[3], partial[3])
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list]:

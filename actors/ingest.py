@@ -218,7 +218,9 @@ def _copy_text(conn: Connection, table: str, columns: tuple[str, ...], data: str
     if not _plain(data, n_rows, len(columns)):
         raise CopyDataError(f"COPY data for {table} has an unescaped tab, newline or backslash")
     with raw_cursor(conn) as cursor:
-        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", io.StringIO(data))
+        # One read of the whole text: psycopg2 reads the file 8 KiB at a time by default.
+        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", io.StringIO(data),
+                           size=max(len(data), 8192))
 
 
 def _plain(data: str, n_rows: int, n_columns: int) -> bool:

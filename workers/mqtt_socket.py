@@ -64,7 +64,8 @@ class Received:
     __slots__ = ("mid", "_topic", "payload", "qos", "retain", "dup")
 
     def __init__(self, mid: int, topic: bytes, payload: bytes, qos: int, retain: bool, dup: bool) -> None:
-        self.mid, self._topic, self.payload, self.qos, self.retain, self.dup = mid, topic, payload, qos, retain, dup
+        self.mid, self._topic, self.payload = mid, topic, payload
+        self.qos, self.retain, self.dup = qos, retain, dup
 
     @property
     def topic(self) -> str:
