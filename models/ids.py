@@ -19,6 +19,8 @@ ID_RE = re.compile(ID_PATTERN)
 # Fixed namespace for uuid5 ids derived by this project; changing it renames
 # every derived media file, so it never changes.
 _MEDIA_NAMESPACE = UUID("78b99fd0-ef4d-4a21-9c1a-0606ec6c490b")
+# A byte with the RFC 9562 variant (0b10) in its top bits: bytes.translate table.
+_VARIANT_10 = bytes(0x80 | (b & 0x3F) for b in range(256))
 
 
 def new_id() -> UUID:
@@ -42,16 +44,17 @@ def new_id_texts(n: int) -> list[str]:
 
     Same layout as `new_id`, one clock reading and one read of the OS random
     source for the whole batch: per id, `secrets.randbits` is a system call.
+    The ids share their first 64 bits (the clock), so only the last 64 (the
+    variant and 62 random bits) are made per id, as hex in one call.
     """
     ns = time.time_ns()
     ms, sub_ms = divmod(ns, 1_000_000)
-    head = (ms << 80) | (0x7 << 76) | ((sub_ms * 4096 // 1_000_000) << 64) | (0b10 << 62)
-    noise = secrets.token_bytes(8 * n)
-    texts = []
-    for i in range(n):
-        h = f"{head | int.from_bytes(noise[8 * i:8 * i + 8]) >> 2:032x}"
-        texts.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
-    return texts
+    head = f"{(ms << 16) | (0x7 << 12) | (sub_ms * 4096 // 1_000_000):016x}"
+    prefix = f"{head[:8]}-{head[8:12]}-{head[12:]}-"
+    tails = bytearray(secrets.token_bytes(8 * n))
+    tails[::8] = tails[::8].translate(_VARIANT_10)  # each id's byte 8: 0b10xxxxxx
+    hex_tails = tails.hex()
+    return [f"{prefix}{hex_tails[i:i + 4]}-{hex_tails[i + 4:i + 16]}" for i in range(0, 16 * n, 16)]
 
 
 def media_id_for(event_id: UUID) -> UUID:
