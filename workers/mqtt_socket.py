@@ -6,7 +6,9 @@ loop (select(), keepalive checks, …). At thousands of small PUBLISHes a
 second that was most of the bridge's CPU. paho asks a socket-like object for
 `pending()` bytes, as it does for TLS sockets that buffer a record, and then
 reads without waiting in select(); `BufferedSocket` uses that contract, and
-`BufferedClient` reads every complete packet already buffered in one pass.
+`BufferedClient` reads every complete packet already buffered in one pass,
+each in one piece (paho's own reader, byte by byte, only for a packet split
+across reads).
 
 Each `ack()` costs paho a wake-up write and one send() of 4 bytes;
 `BufferedClient.ack_many` queues a committed batch's PUBACKs as one write.
@@ -22,7 +24,7 @@ import struct
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.client import MQTTv5
+from paho.mqtt.client import MQTTv5, time_func
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket
 
@@ -49,6 +51,25 @@ class BufferedSocket:
         chunk = self._buffer[self._pos:self._pos + bufsize]
         self._pos += len(chunk)
         return chunk
+
+    def whole_packet(self) -> tuple[int, bytes] | None:
+        """The next MQTT packet (fixed header byte, rest) if all of it is buffered, else None."""
+        buffer, start = self._buffer, self._pos
+        end, i = len(buffer), start + 1
+        length, shift = 0, 0
+        while True:  # the Remaining Length: a Variable Byte Integer, at most 4 bytes
+            if i >= end or shift > 21:
+                return None  # not all here yet (or malformed: paho's reader reports it)
+            byte = buffer[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if end - i < length:
+            return None
+        self._pos = i + length
+        return buffer[start], buffer[i:i + length]
 
     def pending(self) -> int:
         inner = self._sock.pending() if hasattr(self._sock, "pending") else 0  # TLS: a decrypted record
@@ -99,6 +120,25 @@ class BufferedClient(mqtt.Client):
             if rc or sock is None or not sock.pending():
                 break
             rc = super().loop_read(max_packets)
+        return rc
+
+    def _packet_read(self) -> MQTTErrorCode:  # paho 2.x: reads and handles one packet
+        # A packet wholly in our buffer is handled without paho's byte-by-byte
+        # reads; anything else (a packet split across reads) takes paho's path.
+        sock = self._sock
+        fresh = self._in_packet["command"] == 0  # paho is not in the middle of a packet
+        whole = sock.whole_packet() if fresh and isinstance(sock, BufferedSocket) else None
+        if whole is None:
+            return super()._packet_read()
+        self._in_packet["command"], self._in_packet["packet"] = whole
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet["command"], self._in_packet["packet"] = 0, bytearray()  # as paho resets it
+        with self._msgtime_mutex:
+            self._last_bytes_received = time_func()
         return rc
 
     def _handle_publish(self) -> MQTTErrorCode:  # paho 2.x: called by _packet_handle per PUBLISH

@@ -1,5 +1,6 @@
 """BufferedClient's own PUBLISH decoding gives on_message what paho's would."""
 
+import socket
 import struct
 
 import pytest
@@ -10,7 +11,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from workers.mqtt_socket import BufferedClient
+from workers.mqtt_socket import BufferedClient, BufferedSocket
 
 TOPIC = "farmiq/tenant-a/farm-1/barn-2/scale-07/telemetry".encode()
 
@@ -61,3 +62,40 @@ def test_a_too_short_properties_length_is_malformed() -> None:
     packet = publish_packet(MQTTv5, 1, b"")[:2 + len(TOPIC) + 2] + b"\x7f"  # 127 bytes promised, none there
     with pytest.raises(MalformedPacket):
         handle(MQTTv5, PUBLISH | 0x02, packet)
+
+
+def frame(header: int, body: bytes) -> bytes:
+    """An MQTT packet: fixed header byte, Remaining Length, body."""
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([header]) + bytes(encoded) + body
+
+
+def test_whole_packets_are_read_in_one_piece_and_a_split_one_by_paho() -> None:
+    payloads = [b"a" * 10, b"b" * 300, b"c" * 20_000, b"d"]  # Remaining Length of 1, 2 and 3 bytes
+    wire = b"".join(frame(PUBLISH | 0x02, publish_packet(MQTTv5, 1, p, mid=n + 1))
+                    for n, p in enumerate(payloads))
+    split = len(wire) - 5_000  # inside the third packet
+    received = []
+    client = BufferedClient(CallbackAPIVersion.VERSION2, protocol=MQTTv5)
+    client.manual_ack_set(True)
+    client.on_message = lambda _client, _userdata, message: received.append((message.mid, message.payload))
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        client._sock = BufferedSocket(a)
+        b.sendall(wire[:split])
+        assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert received == [(1, payloads[0]), (2, payloads[1])]  # the third is not all here
+        b.sendall(wire[split:])
+        while client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS and len(received) < 4:
+            pass
+        assert received == [(n + 1, p) for n, p in enumerate(payloads)]
+        assert client._in_packet["command"] == 0 and client._sock.pending() == 0
+    finally:
+        client._sock = None
+        a.close()
+        b.close()
