@@ -165,7 +165,11 @@ def ingest_events(conn: Connection, events: list, *, sync_telemetry: str) -> Ing
     _apply_telemetry(conn, [e for e in fresh if isinstance(e, QueuedTelemetry)], sync_telemetry)
     for reason in _apply_sessions(conn, [e for e in fresh if isinstance(e, SessionEvent)]):
         result.rejected[reason] += 1
-    _hand_off_media(conn, [e for e in fresh if isinstance(e, MediaEvent)])
+    # Every frame, duplicates too: the bridge spooled a redelivered frame again,
+    # and the media actor removes that copy (or places it, whichever message
+    # runs first: it is idempotent per media_id). Dropped here, the copy would
+    # wait an hour for the staging sweep.
+    _hand_off_media(conn, [e for e in first.values() if isinstance(e, MediaEvent)])
     return result
 
 

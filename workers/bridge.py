@@ -401,7 +401,7 @@ def commit_batch(settings: Settings, deliveries: list[Delivery]) -> list[Deliver
             conn.execute(insert(ingress_dead_letters), dead)
         if events:
             with raw_cursor(conn) as cursor:
-                broker.enqueue_in(cursor, ingest_batch.message(events))
+                broker.enqueue_new_in(cursor, ingest_batch.message(events))
         crash_point("bridge.before_commit")
     crash_point("bridge.after_commit")
     BRIDGE_BATCH_SECONDS.set(time.monotonic() - started)

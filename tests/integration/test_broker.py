@@ -388,6 +388,32 @@ def test_enqueue_in_follows_the_callers_transaction(db_url):
     assert dict(count.by_value) == {2: 1}
 
 
+def test_enqueue_new_in_copies_the_body_exactly_and_follows_the_transaction(db_url):
+    broker = edge_broker(db_url)
+    actor = declare(broker, "copied", Counter())
+    # What COPY's text format would misread unescaped: backslashes (JSON's own
+    # escapes, a literal "\\N"), tabs, newlines; and text beyond ASCII.
+    tricky = ["back\\slash", 'quote"', "tab\t new\nline\r", "\\N", "\\.", "ünïcødé ✓", 1e15, None]
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            broker.enqueue_new_in(cur, actor.message(["rolled back"]))
+        conn.rollback()
+        with conn.cursor() as cur:
+            broker.enqueue_new_in(cur, actor.message(tricky))
+        conn.commit()
+    finally:
+        conn.close()
+    consumer = broker.consume("copied", prefetch=1, timeout=50)
+    try:
+        message = next(consumer)
+        assert message.args == (tricky,) and message.queue_name == "copied"
+        assert next(consumer) is None  # the rolled-back one never existed
+    finally:
+        consumer.close()
+        broker.close()
+
+
 def test_a_delayed_message_waits_for_its_due_time(db_url):
     broker = edge_broker(db_url)
     actor = declare(broker, "later", Counter())

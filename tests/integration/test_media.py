@@ -14,11 +14,13 @@ from uuid import UUID, uuid4
 import pytest
 
 from actors.queue_dead_letters import PermanentError
+from actors.ingest import ingest_events
 from actors.media import named_in_queue, store_frame
 from actors.media_volume import Spool, VolumeFull, staging_dir, sweep_stale_staging
 from models.media_path import media_path
 from models.messages import MediaEvent, parse_message
 from models.settings import load_settings
+from schema.db import transaction
 from tests.support.processes import rows as query
 from tests.support import corpus
 from workers.dev.frames import bird_frame
@@ -85,6 +87,26 @@ def test_frame_lands_at_its_spec_path_once(db_url, tmp_path):
     spooled(root, parsed(frame.data, event_id=event.event_id))
     assert store_frame(s, event) == "already_stored"
     assert counts(db_url) == before and files(root) == [str(expected.relative_to(root))]
+
+
+def test_a_redelivered_frame_is_handed_off_again_so_its_spooled_copy_goes(db_url, tmp_path):
+    root, frame = tmp_path / "media", bird_frame(seed=3)
+    s = settings(db_url, root)
+    first = spooled(root, parsed(frame.data))
+    with transaction(db_url) as conn:
+        assert ingest_events(conn, [first], sync_telemetry="agg").accepted == {"media": 1}
+    assert store_frame(s, first) == "stored"
+    # Its PUBACK was lost: the broker redelivers it and the bridge spools it again.
+    again = spooled(root, parsed(frame.data, event_id=first.event_id))
+    assert len(list(staging_dir(root).iterdir())) == 1
+    with transaction(db_url) as conn:
+        assert ingest_events(conn, [again], sync_telemetry="agg").duplicates == {"media": 1}
+    handed_off = [MediaEvent.model_validate(m["kwargs"]["event"]) for (m,) in query(
+        db_url, "SELECT message FROM dramatiq.queue WHERE queue_name = 'media' ORDER BY mtime")]
+    assert [e.event_id for e in handed_off] == [first.event_id] * 2
+    assert store_frame(s, handed_off[1]) == "already_stored"
+    assert not any(staging_dir(root).iterdir())
+    assert counts(db_url)["media_objects"] == 1
 
 
 def test_monitoring_frame_goes_under_monitoring_device(db_url, tmp_path):
