@@ -68,7 +68,7 @@ ENQUEUE = """
            due_at = EXCLUDED.due_at, mtime = now(), consumer_id = NULL, claim_id = NULL
 """
 # enqueue_new: a new message, due now (due_at and mtime default to now()).
-COPY_NEW = "COPY dramatiq.queue (queue_name, message_id, state, message) FROM STDIN"
+COPY_NEW = "COPY dramatiq.queue (queue_name, message_id, state, message, received) FROM STDIN"
 # wake: idle consumers of the queue LISTEN here (one NOTIFY per transaction and channel).
 WAKE = "SELECT pg_notify(%(channel)s, '')"
 
@@ -126,21 +126,25 @@ class EdgeBroker(dramatiq.Broker):
         self.emit_after("enqueue", message, delay)
         return message
 
-    def enqueue_new_in(self, cursor, message: Message) -> Message:
-        """`enqueue_in` for a message just made (a new id, no delay), by COPY.
+    def enqueue_new_in(self, cursor, message: Message, *, received: bytes = b"") -> Message:
+        """`enqueue_in` for a message just made (a new id, no delay), by COPY,
+        with the payloads its events were parsed from (`received`, read only for
+        a dead letter: schema/migrations/0010_queue_body_storage.sql).
 
-        The bridge's batches are ~400 KB of JSON: as a COPY line its body is
+        The bridge's batches are ~130 KB of JSON: as a COPY line the body is
         sent as encoded, instead of being quoted into an SQL literal that
         PostgreSQL then has to lex. A message that is not new would violate
         the primary key (no ON CONFLICT here): use `enqueue_in` for those.
         """
         if not isinstance(dramatiq.get_encoder(), dramatiq.JSONEncoder):
-            return self.enqueue_in(cursor, message)
+            raise TypeError("enqueue_new_in needs a JSON encoder")
         self.emit_before("enqueue", message, None)
         # COPY text format: JSON text holds no raw tab, newline or carriage
-        # return (JSON escapes them), so doubling backslashes is all it needs.
-        line = b"%s\t%s\tqueued\t%s\n" % (message.queue_name.encode(), message.message_id.encode(),
-                                          message.encode().replace(b"\\", b"\\\\"))
+        # return (JSON escapes them), so doubling backslashes is all it needs;
+        # bytea goes as hex (\x…, its backslash doubled too), none as \N.
+        line = b"\t".join([message.queue_name.encode(), message.message_id.encode(), b"queued",
+                           message.encode().replace(b"\\", b"\\\\"),
+                           b"\\\\x" + received.hex().encode() if received else b"\\N"]) + b"\n"
         cursor.copy_expert(COPY_NEW, io.BytesIO(line), size=len(line))
         cursor.execute(WAKE, {"channel": wake_channel(message.queue_name)})
         self.emit_after("enqueue", message, None)

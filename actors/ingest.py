@@ -54,6 +54,10 @@ DEDUPE_INSERT = text("""
     ON CONFLICT DO NOTHING
     RETURNING tenant_id, event_id::text
 """)
+# One event's payload from the bytes stored beside its queue message (a dead letter).
+RECEIVED_SLICE = text("""
+    SELECT substring(received FROM :start FOR :length) FROM dramatiq.queue WHERE message_id = CAST(:id AS uuid)
+""")
 # Does a session have stored frames (index media_objects_tenant_session_idx)?
 SESSION_HAS_FRAMES = text("""
     SELECT EXISTS (SELECT 1 FROM media_objects WHERE tenant_id = :tenant_id AND session_id = :session_id)
@@ -87,13 +91,16 @@ class IngestResult:
 
 @dramatiq.actor(queue_name="ingest", max_retries=10)
 @ride_out_database_outage
-def ingest_batch(events: list[list | dict[str, Any]]) -> None:  # models/queue_events.py
+def ingest_batch(events: list[list | dict[str, Any]], received_in: str | None = None) -> None:
+    """`events`: models/queue_events.py; `received_in`: the queue message whose
+    `received` bytes hold the telemetry payloads (the bridge's own message)."""
     try:
         parsed = decode_queue_events(events)
     except ValidationError as exc:
         raise PermanentError(f"batch fails validation ({exc.error_count()} errors)") from None
     settings = get_settings()
-    result = ingest_isolated(settings.database_url, parsed, sync_telemetry=settings.sync_telemetry)
+    result = ingest_isolated(settings.database_url, parsed, sync_telemetry=settings.sync_telemetry,
+                             received_in=received_in)
     for kind, n in result.accepted.items():
         INGRESS_ACCEPTED.labels(kind).inc(n)
     for kind, n in result.duplicates.items():
@@ -106,7 +113,8 @@ def ingest_batch(events: list[list | dict[str, Any]]) -> None:  # models/queue_e
                                  f"{result.frames_not_handed_off[0]}")
 
 
-def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> IngestResult:
+def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str,
+                    received_in: str | None = None) -> IngestResult:
     """Apply `events` in one transaction (commit point); if it fails on the data,
     bisect: each half in its own transaction, down to the one event that fails,
     which is dead-lettered (processing_failed) while the rest commits.
@@ -126,8 +134,10 @@ def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> 
             raise
         if len(events) > 1:
             half = len(events) // 2
-            return (ingest_isolated(database_url, events[:half], sync_telemetry=sync_telemetry)
-                    + ingest_isolated(database_url, events[half:], sync_telemetry=sync_telemetry))
+            return (ingest_isolated(database_url, events[:half], sync_telemetry=sync_telemetry,
+                                    received_in=received_in)
+                    + ingest_isolated(database_url, events[half:], sync_telemetry=sync_telemetry,
+                                      received_in=received_in))
         (e,) = events
         if isinstance(e, MediaEvent):
             # Its only work here is a hand-off that does not depend on its data,
@@ -137,13 +147,26 @@ def ingest_isolated(database_url: str, events: list, *, sync_telemetry: str) -> 
             log.warning("event=ingest_frame_hand_off_failed event_id=%s error=%r", e.event_id,
                         db_error_class(exc))
             return IngestResult(Counter(), Counter(), Counter(), [db_error_class(exc)])
-        payload, size = received_bytes(e)
+        payload, size = received_bytes(e, _received_reader(database_url, received_in))
         with transaction(database_url) as conn:
             conn.execute(insert(ingress_dead_letters), dead_letter_row(
                 _topic(e), payload, "processing_failed", db_error_class(exc), size_bytes=size))
         log.warning("event=ingest_event_failed event_id=%s kind=%s error=%r", e.event_id, e.kind,
                     db_error_class(exc))
         return IngestResult(Counter(), Counter(), Counter({"processing_failed": 1}))
+
+
+def _received_reader(database_url: str, message_id: str | None):  # noqa: ANN202
+    """`read_received(offset, length)` for models.queue_events.received_bytes."""
+    if message_id is None:
+        return None
+
+    def read(offset: int, length: int) -> bytes | None:
+        with transaction(database_url) as conn:
+            value = conn.execute(RECEIVED_SLICE, {"id": message_id, "start": offset + 1,
+                                                  "length": length}).scalar()
+        return bytes(value) if value is not None else None
+    return read
 
 
 def ingest_events(conn: Connection, events: list, *, sync_telemetry: str) -> IngestResult:

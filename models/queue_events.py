@@ -7,24 +7,29 @@ already normalized values (UTC timestamp, canonical event id, float values):
 
     ["telemetry", tenant_id, farm_id, barn_id, device_id, event_id,
      occurred_at, trace_id, [[metric_type, metric_value, unit], ...],
-     raw_b64, raw_size_bytes]
+     raw, raw_size_bytes]
 
 Sessions and frames (rare) travel as their event's JSON object and are
 validated again by the actor (cheap at their rate, and the session state
 machine wants the typed model). A JSON object whose "kind" is telemetry
 (queued before compact rows existed) is still accepted.
 
-Telemetry and sessions carry the payload as received (`raw_b64`: the first
-64 KiB, `raw_size_bytes`: the full length), so a dead letter the actor
-writes (session_conflict, processing_failed) keeps the device's bytes (SPEC
-§1.5). A frame does not: its bytes travel once, to the media volume, and
-the actor's only work on it is a hand-off that no frame's data can fail
-(actors/ingest.py).
+Telemetry and sessions carry the payload as received (the first 64 KiB, and
+`raw_size_bytes`: the full length), so a dead letter the actor writes
+(session_conflict, processing_failed) keeps the device's bytes (SPEC §1.5).
+The bridge puts a telemetry payload beside the message, in the queue row's
+`received` bytes, and `raw` is its offset there (read only for a dead
+letter, so never parsed or decoded on the hot path); elsewhere `raw` is the
+payload in base64, as a session's `raw_b64` is. A frame carries none: its
+bytes travel once, to the media volume, and the actor's only work on it is
+a hand-off that no frame's data can fail (actors/ingest.py).
 
 Pure: no I/O.
 """
 
 import base64
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,12 +61,21 @@ def queue_form(event: Any, payload: bytes, dumped: dict | None = None) -> list |
 
 
 def telemetry_row(ids: TopicIds | TelemetryEvent, fields: TelemetryPayload | TelemetryEvent,
-                  payload: bytes) -> list:
+                  payload: bytes, received: bytearray | None = None) -> list:
     """A telemetry message's compact row, from its topic ids and validated fields
-    (the bridge passes `validate_message`'s result: no event model is built)."""
+    (the bridge passes `validate_message`'s result: no event model is built).
+
+    With `received` (the bytes that go beside the message), the payload is
+    appended there and the row names its offset; without, it carries base64.
+    """
+    if received is None:
+        raw, size = raw_fields(payload)
+    else:
+        raw, size = len(received), len(payload)
+        received += payload[:MAX_DEAD_LETTER_PAYLOAD]
     return [TELEMETRY, ids.tenant_id, ids.farm_id, ids.barn_id, ids.device_id, str(fields.event_id),
             fields.occurred_at.isoformat(), fields.trace_id,
-            [[r.metric_type, float(r.metric_value), r.unit] for r in fields.readings], *raw_fields(payload)]
+            [[r.metric_type, float(r.metric_value), r.unit] for r in fields.readings], raw, size]
 
 
 @dataclass(slots=True)
@@ -78,6 +92,7 @@ class QueuedTelemetry:
     readings: list  # [[metric_type, metric_value (float), unit], ...]
     raw_b64: str | None = None
     raw_size_bytes: int | None = None
+    raw_at: int | None = None  # offset of the payload in its message's received bytes
     kind: str = TELEMETRY
 
     @classmethod
@@ -102,13 +117,25 @@ def decode(items: list) -> list[Queued]:
         if isinstance(item, dict):
             event = next(validated)
             events.append(QueuedTelemetry.of(event) if isinstance(event, TelemetryEvent) else event)
+        elif isinstance(item[9], int):  # the payload is beside the message, at this offset
+            events.append(QueuedTelemetry(*item[1:9], None, item[10], item[9]))
         else:
             events.append(QueuedTelemetry(*item[1:]))
     return events
 
 
-def received_bytes(e: Queued) -> tuple[bytes, int]:
-    """The payload as the device sent it (first 64 KiB) and its full length."""
+def received_bytes(e: Queued, read_received: Callable[[int, int], bytes | None] | None = None
+                   ) -> tuple[bytes, int]:
+    """The payload as the device sent it (first 64 KiB) and its full length.
+
+    `read_received(offset, length)` reads the message's received bytes, for
+    an event whose payload is there (`raw_at`).
+    """
+    raw_at = getattr(e, "raw_at", None)
+    if raw_at is not None and read_received is not None and e.raw_size_bytes is not None:
+        payload = read_received(raw_at, min(e.raw_size_bytes, MAX_DEAD_LETTER_PAYLOAD))
+        if payload is not None:
+            return payload, e.raw_size_bytes
     if e.raw_b64 is None:  # queued by an older bridge: its normalized JSON is all there is
         payload = _normalized_json(e)
         return payload, len(payload)
@@ -117,4 +144,8 @@ def received_bytes(e: Queued) -> tuple[bytes, int]:
 
 
 def _normalized_json(e: Any) -> bytes:
+    if isinstance(e, QueuedTelemetry):  # its received bytes could not be read
+        return json.dumps({"event_id": e.event_id, "occurred_at": e.occurred_at, "trace_id": e.trace_id,
+                           "readings": [{"metric_type": t, "metric_value": v, "unit": u}
+                                        for t, v, u in e.readings]}).encode()
     return e.model_dump_json(exclude={"raw_b64", "raw_size_bytes"}).encode()

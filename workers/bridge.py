@@ -368,6 +368,7 @@ def commit_batch(settings: Settings, deliveries: list[Delivery]) -> list[Deliver
     s = settings
     now = datetime.now(timezone.utc)
     events, dead, reasons, held = [], [], [], []
+    received = bytearray()  # the telemetry payloads, stored beside the queue message
     spool = Spool(s.media_root, min_free_bytes=s.media_min_free_bytes)
     for d in deliveries:
         try:
@@ -384,7 +385,7 @@ def commit_batch(settings: Settings, deliveries: list[Delivery]) -> list[Deliver
             reasons.append(rejected.reason)
             continue
         if ids.kind == "telemetry":  # the hot path: its queue row, no event model (models/queue_events.py)
-            events.append(telemetry_row(ids, validated, d.payload))
+            events.append(telemetry_row(ids, validated, d.payload, received))
             continue
         event = event_of(ids, validated)
         try:
@@ -401,7 +402,10 @@ def commit_batch(settings: Settings, deliveries: list[Delivery]) -> list[Deliver
             conn.execute(insert(ingress_dead_letters), dead)
         if events:
             with raw_cursor(conn) as cursor:
-                broker.enqueue_new_in(cursor, ingest_batch.message(events))
+                message = ingest_batch.message(events)
+                # The actor reads a payload back from this message's row (a dead letter).
+                message = message.copy(kwargs={"received_in": message.message_id} if received else {})
+                broker.enqueue_new_in(cursor, message, received=bytes(received))
         crash_point("bridge.before_commit")
     crash_point("bridge.after_commit")
     BRIDGE_BATCH_SECONDS.set(time.monotonic() - started)

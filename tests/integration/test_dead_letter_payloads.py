@@ -55,7 +55,7 @@ def test_session_conflict_keeps_the_bytes_the_device_sent(db_url: str, monkeypat
     commit_batch(settings, [Delivery(1, corpus.topic("session").encode(), mine, 1),
                             Delivery(2, corpus.topic("session", device_id="device-2").encode(), theirs, 1)])
     for (body,) in query_bodies(db_url):
-        ingest_batch.fn(*body["args"])
+        ingest_batch.fn(*body["args"], **body["kwargs"])
     [letter] = letters(db_url)
     assert letter["reason"] == "session_conflict"
     assert letter["payload"] == theirs and letter["payload_size_bytes"] == len(theirs)
@@ -116,8 +116,10 @@ def test_processing_failed_keeps_the_bytes_the_device_sent(db_url: str, monkeypa
                   at.astimezone(timezone(timedelta(hours=7))).isoformat().encode(), str(uuid.uuid4()).encode()))
     received = good[:10] + [(corpus.topic("telemetry", device_id="poison"), theirs)] + good[10:]
     commit_batch(settings, [Delivery(i, t.encode(), p, 1) for i, (t, p) in enumerate(received)])
-    for (body,) in query_bodies(db_url):
-        ingest_batch.fn(*body["args"])
+    [(body,)] = query_bodies(db_url)
+    assert body["kwargs"]["received_in"] == body["message_id"]  # the payloads are beside it
+    assert all(isinstance(row[9], int) for row in body["args"][0])  # offsets there, not base64
+    ingest_batch.fn(*body["args"], **body["kwargs"])
     [letter] = letters(db_url)
     assert letter["reason"] == "processing_failed" and letter["topic"].endswith("/poison/telemetry")
     assert letter["payload"] == theirs and letter["payload_size_bytes"] == len(theirs)
