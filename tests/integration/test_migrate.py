@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import psycopg2
+from psycopg2.extras import Json
 
 from schema.migrate import load_migrations, pending_migrations
 from workers.dev.processes import ROOT
@@ -94,3 +95,49 @@ def test_cannot_connect_exits_3():
 def test_usage_error_exits_2():
     result = farmiq_edge("worker", "--queues", "nonsense", env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
+
+
+def test_an_ingest_message_queued_before_0010_is_consumed_after_it(empty_db_url, monkeypatch):
+    """0010 turns queue bodies from jsonb into json: a backlog queued by the
+    older bridge (payloads as base64 in the body) keeps its bytes."""
+    import uuid
+    from datetime import datetime, timezone
+
+    import schema.migrate
+    from actors.broker import EdgeBroker
+    from models.messages import validate_message
+    from models.queue_events import decode, received_bytes, telemetry_row
+    from models.settings import load_settings
+    from tests.support import corpus
+
+    every = schema.migrate.load_migrations
+    monkeypatch.setattr(schema.migrate, "load_migrations",
+                        lambda: [m for m in every() if m.version < "0010"])
+    schema.migrate.migrate(empty_db_url)
+    s, now = load_settings(database_url=empty_db_url), datetime.now(timezone.utc)
+    payload = b'{"readings": [{"metric_type": "t", "metric_value": 7, "unit": "C"}],  "event_id": "%s",' \
+              b' "occurred_at": "%s"}' % (str(uuid.uuid4()).encode(), corpus.timestamp(now).encode())
+    ids, validated = validate_message(corpus.topic("telemetry"), payload, now=now,
+                                      max_clock_skew=s.max_clock_skew, media_max_bytes=s.media_max_bytes,
+                                      max_payload_bytes=s.max_payload_bytes)
+    row = telemetry_row(ids, validated, payload)  # the older bridge's form: base64 in the body
+    body = {"queue_name": "ingest", "actor_name": "ingest_batch", "args": [[row]], "kwargs": {},
+            "options": {}, "message_id": str(uuid.uuid4()), "message_timestamp": 1}
+    conn = psycopg2.connect(empty_db_url)
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO dramatiq.queue (queue_name, message_id, state, message)"
+                    " VALUES ('ingest', %s, 'queued', %s)", (body["message_id"], Json(body)))
+    conn.close()
+
+    monkeypatch.setattr(schema.migrate, "load_migrations", every)
+    assert "0010_queue_body_storage" in schema.migrate.migrate(empty_db_url)
+    broker = EdgeBroker(url=empty_db_url)
+    consumer = broker.consume("ingest", prefetch=1, timeout=50)
+    try:
+        message = next(consumer)
+        assert (message.message_id, message.args) == (body["message_id"], tuple(body["args"]))
+        [event] = decode(message.args[0])
+        assert received_bytes(event) == (payload, len(payload))
+    finally:
+        consumer.close()
+        broker.close()
