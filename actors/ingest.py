@@ -211,7 +211,7 @@ def _apply_telemetry(conn: Connection, events: list[QueuedTelemetry], sync_telem
         source = f"{e.tenant_id}\t{e.farm_id}\t{e.barn_id}\t{e.device_id}"
         prefix = f"\t{source}\t{e.occurred_at}\t"
         for metric_type, value, unit in e.readings:
-            value = float(value)  # jsonb hands back a whole number (1e15) as an int
+            value = float(value)  # a body stored as jsonb (before 0010) hands back 1e15 as an int
             lines.append(f"{next(ids)}{prefix}{metric_type}\t{value!r}\t{unit}\n")
             p = partials.get(key := (source, metric_type, minute))
             if p is None:

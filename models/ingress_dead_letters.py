@@ -13,5 +13,6 @@ def dead_letter_row(topic: str, payload: bytes, reason: str, detail: str, *,
     the full length): the first 64 KiB are kept, the full length recorded."""
     # PostgreSQL text cannot hold NUL; the topic is stored lossily anyway when it is not UTF-8.
     return {"id": new_id(), "topic": topic[:1024].replace("\x00", "\\x00"),
-            "payload": payload[:MAX_DEAD_LETTER_PAYLOAD], "payload_size_bytes": len(payload) if size_bytes is None else size_bytes,
+            "payload": payload[:MAX_DEAD_LETTER_PAYLOAD],
+            "payload_size_bytes": len(payload) if size_bytes is None else size_bytes,
             "reason": reason, "detail": detail[:1000]}

@@ -1,7 +1,8 @@
 """MQTT ingress boundary (SPEC §1): topic and payload rules, normalized events.
 
 `parse_message` (or `validate_message` then `event_of`) is the entry point
-of the bridge: bytes in, a validated event out, or `Rejected` with a reason code from `REJECT_REASONS`. Payload
+of the bridge: bytes in, a validated event out, or `Rejected` with a reason
+code from `REJECT_REASONS`. Payload
 models mirror what a device may send (no ids: the topic is authoritative);
 event models are the normalized form that travels through the queue, with
 the topic ids merged in.

@@ -33,6 +33,21 @@ _UINT16 = struct.Struct("!H")
 MAX_PACKETS_PER_PASS = 1000  # let the loop write PUBACKs and ping in between
 
 
+def _variable_byte_integer(data: bytes | bytearray, i: int) -> tuple[int, int] | None:
+    """MQTT's Variable Byte Integer at `data[i]`: (value, index after it), or None
+    if `data` ends first or it runs over its 4 bytes."""
+    value = 0
+    for shift in (0, 7, 14, 21):
+        if i >= len(data):
+            return None
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i
+    return None
+
+
 class BufferedSocket:
     """A socket-like wrapper (paho's SocketLike) that reads ahead into a buffer."""
 
@@ -55,18 +70,11 @@ class BufferedSocket:
     def whole_packet(self) -> tuple[int, bytes] | None:
         """The next MQTT packet (fixed header byte, rest) if all of it is buffered, else None."""
         buffer, start = self._buffer, self._pos
-        end, i = len(buffer), start + 1
-        length, shift = 0, 0
-        while True:  # the Remaining Length: a Variable Byte Integer, at most 4 bytes
-            if i >= end or shift > 21:
-                return None  # not all here yet (or malformed: paho's reader reports it)
-            byte = buffer[i]
-            i += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        if end - i < length:
+        remaining = _variable_byte_integer(buffer, start + 1)  # the Remaining Length
+        if remaining is None:
+            return None  # not all here yet (or malformed: paho's reader reports it)
+        length, i = remaining
+        if len(buffer) - i < length:
             return None
         self._pos = i + length
         return buffer[start], buffer[i:i + length]
@@ -154,16 +162,10 @@ class BufferedClient(mqtt.Client):
                 (mid,) = _UINT16.unpack_from(packet, end)
                 end += 2
             if self._protocol == MQTTv5:  # skip the properties: the bridge reads none
-                length, shift = 0, 0
-                while True:  # a Variable Byte Integer, at most 4 bytes
-                    byte = packet[end]
-                    end += 1
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
-                    if shift == 28:
-                        raise MalformedPacket("properties length over 4 bytes")
+                properties = _variable_byte_integer(packet, end)
+                if properties is None:
+                    raise MalformedPacket("PUBLISH properties length cut short or over 4 bytes")
+                length, end = properties
                 end += length
             if end > len(packet):
                 raise MalformedPacket("PUBLISH shorter than its headers")
